@@ -1,0 +1,241 @@
+"""Command line: each command parses its flags, builds a Config or arguments, and calls one API function.
+
+Errors that are the user's to fix (bad data, bad config, unusable checkpoint) are printed as one clear line
+and exit with status 2; no traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from imgtune.checkpoint import CheckpointError
+from imgtune.config import Augment, CacheMode, ConfigError, Device, Optimizer, build_config
+from imgtune.data import DataError
+from imgtune.images import ImageError
+from imgtune.models import ModelError
+from imgtune.predict import InputError
+from imgtune.sources import SourceError
+
+app = typer.Typer(
+    help="Fine-tune pretrained image classifiers on a folder of images: train, evaluate, predict.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+data_app = typer.Typer(help="Prepare and audit dataset folders.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+USER_ERRORS = (
+    ConfigError,
+    DataError,
+    ModelError,
+    CheckpointError,
+    SourceError,
+    InputError,
+    ImageError,
+    FileExistsError,
+)
+
+
+def _setup_logging(verbose: bool) -> None:
+    level = logging.DEBUG if verbose else logging.INFO
+    handler: logging.Handler
+    if sys.stderr.isatty():
+        from rich.logging import RichHandler
+
+        handler = RichHandler(show_path=False, show_time=False, markup=False)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+    root = logging.getLogger("imgtune")
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    root.propagate = False
+
+
+@app.callback()
+def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False) -> None:
+    _setup_logging(verbose)
+
+
+def _fail(message: str) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(2)
+
+
+# ------------------------------------------------------------------------------------------------- data
+
+
+@data_app.command("fashion-mnist")
+def data_fashion_mnist(
+    out: Annotated[Path, typer.Argument(help="Folder to write train/ valid/ test/ class folders into.")],
+    per_class: Annotated[int | None, typer.Option(help="Training images per class (default: all the rest).")] = None,
+    valid_per_class: Annotated[int, typer.Option(help="Validation images per class, from the official train set.")] = 500,
+    source: Annotated[Path | None, typer.Option(help="Folder with the IDX .gz files.")] = None,
+    download: Annotated[bool, typer.Option(help="Fetch with torchvision when no local copy exists.")] = False,
+    seed: Annotated[int, typer.Option(help="Seed of the per-class selection.")] = 0,
+) -> None:
+    """Write real Fashion-MNIST as PNG image folders (test = the official 10,000 test images)."""
+    from imgtune.sources import write_fashion_mnist
+
+    counts = write_fashion_mnist(out, per_class, valid_per_class, source, seed, download)
+    typer.echo(f"{out}: " + ", ".join(f"{k} {v}" for k, v in counts.items()) + " images")
+
+
+@data_app.command("check")
+def data_check(
+    data: Annotated[Path, typer.Argument(help="Dataset folder.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    valid_fraction: Annotated[float, typer.Option(help="Share held out when imgtune splits.")] = 0.2,
+    seed: Annotated[int, typer.Option()] = 0,
+) -> None:
+    """Audit a dataset folder: classes, counts, unreadable files, duplicates across splits, tiny images.
+
+    Exit status 0 when the folder is trainable, 1 when it is not.
+    """
+    from imgtune.audit import audit
+
+    report = audit(data, valid_fraction, seed)
+    typer.echo(json.dumps(report.to_dict(), indent=2) if as_json else report.format())
+    raise typer.Exit(0 if report.trainable else 1)
+
+
+# ------------------------------------------------------------------------------------------------ train
+
+
+@app.command()
+def train(
+    data: Annotated[Path, typer.Argument(help="Dataset folder (train/ + valid/ [+ test/], or class folders).")],
+    config: Annotated[Path | None, typer.Option("--config", help="YAML config; flags override it.")] = None,
+    model: Annotated[str | None, typer.Option(help="timm model name [tf_efficientnet_lite0].")] = None,
+    pretrained: Annotated[
+        bool | None, typer.Option("--pretrained/--scratch", help="ImageNet weights or random init [pretrained].")
+    ] = None,
+    weights: Annotated[Path | None, typer.Option(help="Start from this state dict / imgtune checkpoint.")] = None,
+    img_size: Annotated[int | None, typer.Option(help="Input size in pixels [224].")] = None,
+    epochs_frozen: Annotated[int | None, typer.Option(help="Head-only epochs on cached features [30].")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Fine-tuning epochs, all layers [5].")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Batch size [32].")] = None,
+    lr: Annotated[float | None, typer.Option(help="Head LR; fine-tuning uses lr*0.5 (head), lr*0.1 (body) [1e-3].")] = None,
+    optimizer: Annotated[Optimizer | None, typer.Option(help="Optimizer [adamw].")] = None,
+    weight_decay: Annotated[float | None, typer.Option(help="Weight decay [0.01].")] = None,
+    label_smoothing: Annotated[float | None, typer.Option(help="Label smoothing [0.1].")] = None,
+    grad_clip: Annotated[float | None, typer.Option(help="Clip gradient norm to this [off].")] = None,
+    dropout: Annotated[float | None, typer.Option(help="Dropout before the classifier [0].")] = None,
+    augment: Annotated[Augment | None, typer.Option(help="Augmentation preset [standard].")] = None,
+    valid_fraction: Annotated[float | None, typer.Option(help="Held-out share when imgtune splits [0.2].")] = None,
+    split_file: Annotated[Path | None, typer.Option(help="Reuse a split.csv from an earlier run.")] = None,
+    patience: Annotated[int | None, typer.Option(help="Early-stopping patience in fine-tuning epochs [3].")] = None,
+    out: Annotated[Path | None, typer.Option(help="Run folder [runs/<data name>].")] = None,
+    seed: Annotated[int | None, typer.Option(help="Random seed [0].")] = None,
+    device: Annotated[Device | None, typer.Option(help="auto, cpu or cuda [auto].")] = None,
+    workers: Annotated[int | None, typer.Option(help="DataLoader workers [auto].")] = None,
+    cache: Annotated[CacheMode | None, typer.Option(help="Decoded-image RAM cache [auto].")] = None,
+    print_config: Annotated[bool, typer.Option("--print-config", help="Print the resolved config and exit.")] = False,
+) -> None:
+    """Fine-tune a pretrained model: head on frozen features, then all layers; best checkpoint kept."""
+    overrides: dict[str, Any] = {
+        "data.path": data,
+        "data.img_size": img_size,
+        "data.batch_size": batch_size,
+        "data.augment": augment,
+        "data.valid_fraction": valid_fraction,
+        "data.split_file": split_file,
+        "data.cache": cache,
+        "data.workers": workers,
+        "model.name": model,
+        "model.pretrained": pretrained,
+        "model.weights": weights,
+        "model.dropout": dropout,
+        "train.epochs_frozen": epochs_frozen,
+        "train.epochs": epochs,
+        "train.lr": lr,
+        "train.optimizer": optimizer,
+        "train.weight_decay": weight_decay,
+        "train.label_smoothing": label_smoothing,
+        "train.grad_clip": grad_clip,
+        "train.patience": patience,
+        "out": out,
+        "seed": seed,
+        "device": device,
+    }
+    cfg = build_config(config, overrides)
+    if print_config:
+        typer.echo(cfg.to_yaml(), nl=False)
+        return
+    from imgtune.api import train as run_train
+    from imgtune.progress import auto_progress
+
+    result = run_train(cfg, progress=auto_progress())
+    typer.echo(f"best valid accuracy {result.best_valid_acc:.4f} (epoch {result.best_epoch})")
+    if result.test is not None:
+        typer.echo(f"test accuracy {result.test.accuracy:.4f} on {result.test.n} images")
+    typer.echo(f"run folder: {result.run_dir}")
+
+
+# ------------------------------------------------------------------------------------------ eval, predict
+
+
+@app.command("eval")
+def eval_(
+    run: Annotated[Path, typer.Argument(help="Run folder or checkpoint file.")],
+    data: Annotated[Path, typer.Argument(help="Dataset folder.")],
+    split: Annotated[str, typer.Option(help="test or valid.")] = "test",
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    batch_size: Annotated[int, typer.Option()] = 64,
+    device: Annotated[Device, typer.Option()] = "auto",
+    workers: Annotated[int | None, typer.Option(help="Decoding worker processes [auto].")] = None,
+) -> None:
+    """Accuracy, top-5, loss, per-class precision/recall/F1 and the confusion matrix on a labelled split."""
+    if split not in ("test", "valid"):
+        _fail(f"--split {split!r}: choose test or valid")
+    from imgtune.api import evaluate
+
+    result = evaluate(run, data, split, batch_size=batch_size, device=device, workers=workers)
+    typer.echo(json.dumps(result.to_dict(), indent=2) if as_json else result.format())
+
+
+@app.command()
+def predict(
+    run: Annotated[Path, typer.Argument(help="Run folder or checkpoint file.")],
+    paths: Annotated[list[str], typer.Argument(help="Image files, folders (recursive) or globs.")],
+    out: Annotated[Path | None, typer.Option(help="CSV file to write [print to stdout].")] = None,
+    top_k: Annotated[int, typer.Option(help="Labels per image in the CSV.")] = 3,
+    batch_size: Annotated[int, typer.Option()] = 64,
+    device: Annotated[Device, typer.Option()] = "auto",
+    workers: Annotated[int | None, typer.Option(help="Decoding worker processes [auto].")] = None,
+) -> None:
+    """Classify images; CSV columns path,label,confidence[,top2_label,top2_confidence,...]."""
+    from imgtune.api import load
+    from imgtune.predict import expand_inputs, predictions_csv, write_predictions
+
+    predictor = load(run, device)
+    rows, skipped = predictor.predict(expand_inputs(paths), top_k=top_k, batch_size=batch_size, workers=workers)
+    k = max(1, min(top_k, len(predictor.classes)))
+    if out is None:
+        typer.echo(predictions_csv(rows, k), nl=False)
+    else:
+        write_predictions(out, rows, k)
+        typer.echo(f"{len(rows)} predictions written to {out}", err=True)
+    if skipped:
+        typer.echo(f"{len(skipped)} unreadable file(s) skipped:", err=True)
+        for s in skipped:
+            typer.echo(f"  {s['path']}: {s['reason']}", err=True)
+
+
+def main() -> None:
+    try:
+        app()
+    except USER_ERRORS as e:
+        typer.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        sys.exit(130)

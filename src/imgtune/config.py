@@ -1,0 +1,160 @@
+"""One configuration model for a training run: YAML file + CLI flags -> validated, frozen `Config`.
+
+Sections follow what a user tunes together (data, model, train) instead of one flat bag of flags, so that
+functions can take the section they need. Every default is written out in the run folder's `config.yaml`,
+so a run can be repeated from that file alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+Augment = Literal["none", "light", "standard", "strong"]
+Device = Literal["auto", "cpu", "cuda"]
+CacheMode = Literal["auto", "ram", "none"]
+Optimizer = Literal["adamw", "sgd"]
+BnPolicy = Literal["auto", "frozen", "train"]
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the key, repeats the value and lists choices."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class DataConfig(_Section):
+    path: Path = Field(description="dataset folder: train/ + valid/ [+ test/], or one folder of class folders")
+    img_size: int = Field(224, ge=16, le=1024, description="square input size of the network, in pixels")
+    batch_size: int = Field(32, ge=1, description="images per optimisation step")
+    augment: Augment = Field("standard", description="training augmentation preset")
+    valid_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="share held out when imgtune splits")
+    split_file: Path | None = Field(None, description="reuse a split.csv written by an earlier run")
+    cache: CacheMode = Field("auto", description="keep decoded, resized images in RAM (auto: when they fit)")
+    workers: int | None = Field(None, ge=0, description="DataLoader worker processes (None: chosen for you)")
+
+
+class ModelConfig(_Section):
+    name: str = Field("tf_efficientnet_lite0", description="timm model name or a built-in one")
+    pretrained: bool = Field(True, description="start from ImageNet weights (offline ones when packaged)")
+    weights: Path | None = Field(None, description="start from this state-dict or imgtune checkpoint file")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout before the classifier layer")
+
+
+class TrainConfig(_Section):
+    epochs_frozen: int = Field(30, ge=0, description="head-only epochs (cheap: run on cached features)")
+    epochs: int = Field(5, ge=0, description="fine-tuning epochs with all layers trainable")
+    lr: float = Field(1e-3, gt=0.0, description="head learning rate in stage 1; stage 2 scales it down")
+    finetune_lr_scale: float = Field(0.5, gt=0.0, description="stage-2 head LR = lr * this")
+    backbone_lr_scale: float = Field(0.2, gt=0.0, description="stage-2 backbone LR = stage-2 head LR * this")
+    optimizer: Optimizer = "adamw"
+    momentum: float = Field(0.9, ge=0.0, lt=1.0, description="SGD momentum")
+    weight_decay: float = Field(0.01, ge=0.0)
+    warmup_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="share of a stage's steps spent warming up")
+    label_smoothing: float = Field(0.1, ge=0.0, lt=1.0)
+    grad_clip: float | None = Field(None, gt=0.0, description="clip the gradient norm to this value")
+    patience: int | None = Field(3, ge=1, description="stop fine-tuning after N epochs without improvement")
+    bn: BnPolicy = Field("auto", description="BatchNorm statistics while fine-tuning (auto: frozen if pretrained)")
+
+
+class Config(_Section):
+    data: DataConfig
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    out: Path | None = Field(None, description="run folder (default: runs/<dataset name>, numbered if taken)")
+    seed: int = 0
+    device: Device = "auto"
+
+    @field_validator("out", mode="before")
+    @classmethod
+    def _empty_out_is_none(cls, value: Any) -> Any:
+        return None if value == "" else value
+
+    @model_validator(mode="after")
+    def _something_to_train(self) -> Config:
+        if self.train.epochs_frozen == 0 and self.train.epochs == 0:
+            raise ValueError("train.epochs_frozen and train.epochs are both 0: nothing would be trained")
+        return self
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_plain(), sort_keys=False)
+
+    def to_plain(self) -> dict[str, Any]:
+        """JSON/YAML-safe dict (paths as strings): what goes into config.yaml and checkpoints."""
+        return self.model_dump(mode="json")
+
+
+def _format_error(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "config"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            section = _section_at(e["loc"][:-1])
+            valid = ", ".join(section.model_fields) if section else ""
+            msg = f"unknown key; valid keys here: {valid}" if valid else "unknown key"
+            lines.append(f"{loc}: {msg}")
+            continue
+        lines.append(f"{loc}: {msg} (got {e.get('input')!r})")
+    return "invalid configuration:\n  " + "\n  ".join(lines)
+
+
+def _section_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    model: type[BaseModel] = Config
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        if field is None or not isinstance(field.annotation, type) or not issubclass(field.annotation, BaseModel):
+            return None
+        model = field.annotation
+    return model
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    node = tree
+    *parents, leaf = dotted.split(".")
+    for p in parents:
+        child = node.setdefault(p, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{dotted}: '{p}' is a value, not a section")
+        node = child
+    node[leaf] = value
+
+
+def build_config(
+    file: Path | None = None, overrides: Mapping[str, Any] | None = None, base: Mapping[str, Any] | None = None
+) -> Config:
+    """Merge base dict < YAML file < dotted overrides (e.g. {"train.lr": 3e-4}); None overrides are skipped."""
+    tree: dict[str, Any] = {}
+    if base:
+        for k, v in base.items():
+            tree[k] = dict(v) if isinstance(v, Mapping) else v
+    if file is not None:
+        try:
+            loaded = yaml.safe_load(Path(file).read_text())
+        except FileNotFoundError as e:
+            raise ConfigError(f"config file not found: {file}") from e
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{file}: not valid YAML: {e}") from e
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{file}: expected a mapping at the top level, got {type(loaded).__name__}")
+        for k, v in loaded.items():
+            if isinstance(v, dict) and isinstance(tree.get(k), dict):
+                tree[k].update(v)
+            else:
+                tree[k] = v
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            _set_dotted(tree, key, value)
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as e:
+        where = f" (from {file})" if file else ""
+        raise ConfigError(_format_error(e) + where) from None

@@ -1,0 +1,119 @@
+"""Safe image decoding: one function turns any file into an RGB uint8 tensor, or raises `ImageError`.
+
+Training, evaluation, prediction and the data audit all decode through `load_rgb`, so EXIF orientation,
+transparency, 16-bit scaling and the decompression-bomb limit behave identically everywhere.
+Files are judged by content (Pillow sniffs the header), never by extension.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+# Pillow warns at MAX_IMAGE_PIXELS and refuses at twice that; we refuse at our own limit, before decoding.
+MAX_PIXELS = 64_000_000
+# Transparent pixels are composited on this colour: a fixed rule so train and predict agree.
+BACKGROUND = (255, 255, 255)
+ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error we report, not grey pixels we train on
+
+
+class ImageError(Exception):
+    """A file could not be used as an image. `reason` is short and human-readable."""
+
+    def __init__(self, path: Path | str, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path = str(path)
+        self.reason = reason
+
+
+def open_image(path: Path | str) -> Image.Image:
+    """Open lazily (header only) and check the pixel count before anything is decoded."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im = Image.open(path)
+    except FileNotFoundError:
+        raise ImageError(path, "file not found") from None
+    except UnidentifiedImageError:
+        size = Path(path).stat().st_size if Path(path).exists() else -1
+        raise ImageError(path, "empty file" if size == 0 else "not an image Pillow can read") from None
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
+        raise ImageError(path, f"decompression bomb refused ({e})") from None
+    except OSError as e:
+        raise ImageError(path, f"cannot open: {e}") from None
+    w, h = im.size
+    if w * h > MAX_PIXELS:
+        im.close()
+        raise ImageError(path, f"decompression bomb refused: {w}x{h} pixels is over the {MAX_PIXELS:,} limit")
+    if w < 1 or h < 1:
+        im.close()
+        raise ImageError(path, f"image has no pixels ({w}x{h})")
+    return im
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    mode = im.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        # 16-bit (and 32-bit integer) images: scale the full range to 8 bits instead of clipping at 255.
+        arr = np.asarray(im, dtype=np.int64)
+        top = 65535 if arr.max(initial=0) <= 65535 else int(arr.max())
+        arr8 = np.clip(arr.astype(np.float64) * (255.0 / top), 0, 255).round().astype(np.uint8)
+        return Image.fromarray(arr8, mode="L").convert("RGB")
+    if mode == "F":
+        arr = np.asarray(im, dtype=np.float64)
+        lo, hi = float(np.nanmin(arr)), float(np.nanmax(arr))
+        scaled = (arr - lo) / (hi - lo) if hi > lo else np.zeros_like(arr)
+        return Image.fromarray((np.nan_to_num(scaled) * 255).round().astype(np.uint8), mode="L").convert("RGB")
+    if mode == "P":
+        im = im.convert("RGBA") if "transparency" in im.info else im.convert("RGB")
+        mode = im.mode
+    if mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+        rgba = im.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (*BACKGROUND, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if mode != "RGB":
+        return im.convert("RGB")  # L, 1, CMYK (Pillow undoes Adobe's inverted CMYK), YCbCr, LAB, HSV
+    return im
+
+
+def load_rgb(path: Path | str, draft_size: int | None = None) -> torch.Tensor:
+    """Decode `path` to a CHW uint8 RGB tensor, EXIF orientation applied, first frame of animations.
+
+    draft_size: JPEGs much larger than this are decoded at a reduced scale (DCT scaling: several times
+    faster). The result is still at least draft_size on its shorter side, so quality is unaffected.
+    """
+    im = open_image(path)
+    try:
+        with im:
+            if draft_size is not None and im.format == "JPEG":
+                w, h = im.size
+                scale = min(w, h) / draft_size
+                if scale >= 2:
+                    im.draft("RGB", (max(1, round(w / scale)), max(1, round(h / scale))))
+            im.load()
+            im = ImageOps.exif_transpose(im) or im
+            rgb = _to_rgb(im)
+            arr = np.asarray(rgb, dtype=np.uint8)
+    except ImageError:
+        raise
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise ImageError(path, f"cannot decode: {e}") from None
+    if arr.ndim != 3 or arr.shape[2] != 3:
+        raise ImageError(path, f"unexpected decoded shape {arr.shape}")
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
+
+
+def image_size(path: Path | str) -> tuple[int, int]:
+    """(width, height) from the header, after EXIF orientation; raises ImageError like load_rgb."""
+    im = open_image(path)
+    with im:
+        w, h = im.size
+        try:
+            orientation = im.getexif().get(0x0112, 1)
+        except Exception:  # a broken EXIF block must not make a readable image unreadable
+            orientation = 1
+    return (h, w) if orientation in (5, 6, 7, 8) else (w, h)

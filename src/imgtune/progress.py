@@ -1,0 +1,105 @@
+"""Progress reporting: a rich bar on a terminal, plain periodic lines otherwise (logs, CI, notebooks' files).
+
+The library only calls `Progress.task(...)`; the CLI decides which implementation to hand in.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any, Protocol
+
+
+class Task(Protocol):
+    def advance(self, n: int = 1, **fields: Any) -> None: ...
+    def close(self) -> None: ...
+
+
+class Progress(Protocol):
+    def task(self, description: str, total: int) -> Task: ...
+
+
+class _Silent:
+    def advance(self, n: int = 1, **fields: Any) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class SilentProgress:
+    def task(self, description: str, total: int) -> Task:
+        return _Silent()
+
+
+def _fmt(fields: dict[str, Any]) -> str:
+    return "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in fields.items())
+
+
+class _Line:
+    def __init__(self, description: str, total: int, every_s: float) -> None:
+        self.description, self.total, self.every_s = description, total, every_s
+        self.done = 0
+        self.start = self.last = time.perf_counter()
+        self.fields: dict[str, Any] = {}
+
+    def advance(self, n: int = 1, **fields: Any) -> None:
+        self.done += n
+        self.fields.update(fields)
+        now = time.perf_counter()
+        if now - self.last >= self.every_s and self.done < self.total:
+            self.last = now
+            self._print(now)
+
+    def _print(self, now: float) -> None:
+        print(
+            f"{self.description}: {self.done}/{self.total} ({now - self.start:.0f} s)  {_fmt(self.fields)}",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    def close(self) -> None:
+        self._print(time.perf_counter())
+
+
+class LineProgress:
+    """Plain lines every `every_s` seconds and at the end: readable in log files."""
+
+    def __init__(self, every_s: float = 30.0) -> None:
+        self.every_s = every_s
+
+    def task(self, description: str, total: int) -> Task:
+        return _Line(description, total, self.every_s)
+
+
+class _RichTask:
+    def __init__(self, progress: Any, task_id: Any) -> None:
+        self.progress, self.task_id = progress, task_id
+
+    def advance(self, n: int = 1, **fields: Any) -> None:
+        self.progress.update(self.task_id, advance=n, info=_fmt(fields))
+
+    def close(self) -> None:
+        self.progress.stop()
+
+
+class RichProgress:
+    """One live bar per task (epoch), left on screen when done."""
+
+    def task(self, description: str, total: int) -> Task:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("{task.fields[info]}"),
+            transient=False,
+        )
+        progress.start()
+        return _RichTask(progress, progress.add_task(description, total=total, info=""))
+
+
+def auto_progress() -> Progress:
+    return RichProgress() if sys.stderr.isatty() else LineProgress()

@@ -1,0 +1,99 @@
+"""The run folder: one self-contained directory per training run, every file in it written atomically.
+
+runs/<name>/config.yaml, classes.json, split.csv, metrics.csv, summary.json, checkpoints/{best,last}.pt
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from imgtune.checkpoint import atomic_write_text
+
+METRIC_COLUMNS = [
+    "epoch",
+    "stage",
+    "lr",
+    "train_loss",
+    "train_acc",
+    "valid_loss",
+    "valid_acc",
+    "seconds",
+    "images_per_s",
+]
+
+
+@dataclass(frozen=True)
+class RunFolder:
+    path: Path
+
+    @property
+    def config(self) -> Path:
+        return self.path / "config.yaml"
+
+    @property
+    def classes(self) -> Path:
+        return self.path / "classes.json"
+
+    @property
+    def split(self) -> Path:
+        return self.path / "split.csv"
+
+    @property
+    def metrics(self) -> Path:
+        return self.path / "metrics.csv"
+
+    @property
+    def summary(self) -> Path:
+        return self.path / "summary.json"
+
+    @property
+    def best(self) -> Path:
+        return self.path / "checkpoints" / "best.pt"
+
+    @property
+    def last(self) -> Path:
+        return self.path / "checkpoints" / "last.pt"
+
+    def write_json(self, path: Path, data: Any) -> None:
+        atomic_write_text(path, json.dumps(data, indent=2) + "\n")
+
+    def write_metrics(self, rows: list[dict[str, Any]]) -> None:
+        """Rewrite the whole (small) file atomically each epoch: never a half-written row."""
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=METRIC_COLUMNS, lineterminator="\n")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: _fmt(row[k]) for k in METRIC_COLUMNS})
+        atomic_write_text(self.metrics, buf.getvalue())
+
+
+def _fmt(value: Any) -> Any:
+    return f"{value:.6g}" if isinstance(value, float) else value
+
+
+def new_run_folder(out: Path | None, data: Path, base: Path = Path("runs")) -> RunFolder:
+    """`out` as given (must be new or empty), else runs/<dataset name>, runs/<dataset name>-2, ..."""
+    if out is not None:
+        out = Path(out)
+        if out.exists() and any(out.iterdir()):
+            raise FileExistsError(
+                f"{out}: run folder exists and is not empty; choose another --out or remove it"
+            )
+        out.mkdir(parents=True, exist_ok=True)
+        return RunFolder(out)
+    stem = re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(data).resolve().name).strip("-") or "run"
+    base.mkdir(parents=True, exist_ok=True)
+    for n in range(1, 10_000):
+        candidate = base / (stem if n == 1 else f"{stem}-{n}")
+        try:
+            candidate.mkdir()
+        except FileExistsError:
+            continue
+        return RunFolder(candidate)
+    raise FileExistsError(f"{base}: no free run folder name for {stem}")
