@@ -1,9 +1,9 @@
 """imgtune: from a folder of images to a trained, evaluated classifier.
 
-    import imgtune
-    cfg = imgtune.Config(data={"path": "data/fashion-mnist", "img_size": 112})
-    result = imgtune.train(cfg)
-    print(imgtune.evaluate(result.run_dir, "data/fashion-mnist").accuracy)
+import imgtune
+cfg = imgtune.Config(data={"path": "data/fashion-mnist", "img_size": 112})
+result = imgtune.train(cfg)
+print(imgtune.evaluate(result.run_dir, "data/fashion-mnist").accuracy)
 """
 
 from imgtune.api import PredictResult, TrainResult, evaluate, load, predict, train

@@ -172,7 +172,7 @@ def train(config: Config, progress: Progress | None = None) -> TrainResult:
                 epochs=tcfg.epochs,
                 optimizer=opt,
                 scheduler=warmup_cosine(opt, steps * tcfg.epochs, tcfg.warmup_fraction),
-                checkpoint_each_epoch=True,
+                cheap_epochs=False,
                 patience=tcfg.patience,
             )
         )
@@ -199,7 +199,9 @@ def train(config: Config, progress: Progress | None = None) -> TrainResult:
         "platform": platform.platform(),
     }
     if test is not None:
-        summary.update({"test_acc": test.accuracy, "test_top5": test.top5, "test_loss": test.loss, "test_images": test.n})
+        summary.update(
+            {"test_acc": test.accuracy, "test_top5": test.top5, "test_loss": test.loss, "test_images": test.n}
+        )
     run.write_json(run.summary, summary)
     return TrainResult(run.path, trainer.best_epoch, trainer.best_acc, test, summary)
 
@@ -245,7 +247,7 @@ def _stage_head_on_features(
             epochs=tcfg.epochs_frozen,
             optimizer=opt,
             scheduler=warmup_cosine(opt, steps * tcfg.epochs_frozen, tcfg.warmup_fraction),
-            checkpoint_each_epoch=False,
+            cheap_epochs=True,
             patience=None,
         )
     )
@@ -295,9 +297,7 @@ def _evaluate_pairs(
     index = {c: i for i, c in enumerate(predictor.classes)}
     unknown = sorted({c for _, c in pairs if c not in index})
     if unknown:
-        raise DataError(
-            f"class(es) {unknown} in the {split} data are not classes of this model ({predictor.classes})"
-        )
+        raise DataError(f"class(es) {unknown} in the {split} data are not classes of this model ({predictor.classes})")
     paths = [p for p, _ in pairs]
     logits, kept, skipped = predictor.logits_for_paths(paths, batch_size, workers)
     labels = torch.tensor([index[pairs[i][1]] for i in kept], dtype=torch.long)

@@ -109,9 +109,7 @@ def _inspect_files(report: AuditReport, split: Split) -> None:
         if len({name for name, _ in copies}) > 1:
             report.duplicates.append({"files": [{"split": n, "path": p} for n, p in copies]})
     if report.duplicates:
-        shown = "; ".join(
-            " = ".join(f"{f['path']} ({f['split']})" for f in d["files"]) for d in report.duplicates[:3]
-        )
+        shown = "; ".join(" = ".join(f"{f['path']} ({f['split']})" for f in d["files"]) for d in report.duplicates[:3])
         report.warnings.append(
             f"{len(report.duplicates)} image(s) appear byte-for-byte in more than one split (leakage inflates "
             f"valid/test scores): {shown}{' ...' if len(report.duplicates) > 3 else ''}"

@@ -77,7 +77,9 @@ def _fail(message: str) -> None:
 def data_fashion_mnist(
     out: Annotated[Path, typer.Argument(help="Folder to write train/ valid/ test/ class folders into.")],
     per_class: Annotated[int | None, typer.Option(help="Training images per class (default: all the rest).")] = None,
-    valid_per_class: Annotated[int, typer.Option(help="Validation images per class, from the official train set.")] = 500,
+    valid_per_class: Annotated[
+        int, typer.Option(help="Validation images per class, from the official train set.")
+    ] = 500,
     source: Annotated[Path | None, typer.Option(help="Folder with the IDX .gz files.")] = None,
     download: Annotated[bool, typer.Option(help="Fetch with torchvision when no local copy exists.")] = False,
     seed: Annotated[int, typer.Option(help="Seed of the per-class selection.")] = 0,
@@ -116,14 +118,17 @@ def train(
     config: Annotated[Path | None, typer.Option("--config", help="YAML config; flags override it.")] = None,
     model: Annotated[str | None, typer.Option(help="timm model name [tf_efficientnet_lite0].")] = None,
     pretrained: Annotated[
-        bool | None, typer.Option("--pretrained/--scratch", help="ImageNet weights or random init [pretrained].")
+        bool | None,
+        typer.Option("--pretrained/--scratch", help="ImageNet weights or random init [pretrained]."),
     ] = None,
     weights: Annotated[Path | None, typer.Option(help="Start from this state dict / imgtune checkpoint.")] = None,
     img_size: Annotated[int | None, typer.Option(help="Input size in pixels [224].")] = None,
     epochs_frozen: Annotated[int | None, typer.Option(help="Head-only epochs on cached features [30].")] = None,
     epochs: Annotated[int | None, typer.Option(help="Fine-tuning epochs, all layers [5].")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Batch size [32].")] = None,
-    lr: Annotated[float | None, typer.Option(help="Head LR; fine-tuning uses lr*0.5 (head), lr*0.1 (body) [1e-3].")] = None,
+    lr: Annotated[
+        float | None, typer.Option(help="Head LR; fine-tuning uses lr*0.5 (head), lr*0.1 (body) [1e-3].")
+    ] = None,
     optimizer: Annotated[Optimizer | None, typer.Option(help="Optimizer [adamw].")] = None,
     weight_decay: Annotated[float | None, typer.Option(help="Weight decay [0.01].")] = None,
     label_smoothing: Annotated[float | None, typer.Option(help="Label smoothing [0.1].")] = None,

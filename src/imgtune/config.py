@@ -127,7 +127,9 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
 
 
 def build_config(
-    file: Path | None = None, overrides: Mapping[str, Any] | None = None, base: Mapping[str, Any] | None = None
+    file: Path | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    base: Mapping[str, Any] | None = None,
 ) -> Config:
     """Merge base dict < YAML file < dotted overrides (e.g. {"train.lr": 3e-4}); None overrides are skipped."""
     tree: dict[str, Any] = {}

@@ -20,12 +20,13 @@ import torch
 from torch import nn
 
 from imgtune.checkpoint import save_checkpoint
-from imgtune.progress import Progress, SilentProgress
+from imgtune.progress import Progress, SilentProgress, SilentTask
 from imgtune.runs import RunFolder
 
 log = logging.getLogger(__name__)
 
 Batch = tuple[torch.Tensor, torch.Tensor] | None
+_SILENT_TASK = SilentTask()
 
 
 def seed_everything(seed: int) -> None:
@@ -36,10 +37,13 @@ def seed_everything(seed: int) -> None:
 
 def rng_state() -> dict[str, Any]:
     """RNG states as tensors and plain values, so last.pt stays loadable with weights_only=True."""
-    np_state = np.random.get_state()
+    np_state: Any = np.random.get_state()
     return {
         "python": [list(v) if isinstance(v, tuple) else v for v in random.getstate()],
-        "numpy": {"keys": torch.from_numpy(np.asarray(np_state[1]).astype(np.int64)), "pos": int(np_state[2])},
+        "numpy": {
+            "keys": torch.from_numpy(np.asarray(np_state[1]).astype(np.int64)),
+            "pos": int(np_state[2]),
+        },
         "torch": torch.get_rng_state(),
     }
 
@@ -76,7 +80,7 @@ class Stage:
     epochs: int
     optimizer: torch.optim.Optimizer
     scheduler: Any
-    checkpoint_each_epoch: bool  # False for feature epochs (they take a fraction of a second)
+    cheap_epochs: bool  # feature epochs take a fraction of a second: progress per stage, checkpoints at its end
     patience: int | None
 
 
@@ -125,7 +129,11 @@ class Trainer:
         module, opt = stage.module, stage.optimizer
         module.train()
         total_loss, correct, seen = 0.0, 0, 0
-        task = self.progress.task(f"stage {stage.number} epoch {self.epoch + 1}", stage.steps_per_epoch)
+        task = (
+            _SILENT_TASK
+            if stage.cheap_epochs
+            else self.progress.task(f"stage {stage.number} epoch {self.epoch + 1}", stage.steps_per_epoch)
+        )
         start = time.perf_counter()
         try:
             for batch in stage.train_batches():
@@ -143,7 +151,7 @@ class Trainer:
                 opt.step()
                 stage.scheduler.step()
                 n = len(y)
-                total_loss += float(loss) * n
+                total_loss += float(loss.detach()) * n
                 correct += int((logits.argmax(1) == y).sum())
                 seen += n
                 elapsed = time.perf_counter() - start
@@ -175,6 +183,7 @@ class Trainer:
         stage_best = -1.0
         bad_epochs = 0
         stage_start = time.perf_counter()
+        stage_task = self.progress.task(f"stage {stage.number} epochs", stage.epochs) if stage.cheap_epochs else None
         for _ in range(stage.epochs):
             t0 = time.perf_counter()
             train = self.train_epoch(stage)
@@ -195,16 +204,18 @@ class Trainer:
             }
             self.rows.append(row)
             self.run.write_metrics(self.rows)
+            if stage_task is not None:
+                stage_task.advance(train_acc=train.acc, valid_acc=valid.acc)
             improved = valid.acc > self.best_acc
             if improved:
                 self.best_acc, self.best_epoch = valid.acc, self.epoch
             if valid.acc > stage_best:
                 stage_best, bad_epochs = valid.acc, 0
-                if not stage.checkpoint_each_epoch:
+                if stage.cheap_epochs:
                     best_in_stage = {k: v.detach().clone() for k, v in stage.module.state_dict().items()}
             else:
                 bad_epochs += 1
-            if stage.checkpoint_each_epoch:
+            if not stage.cheap_epochs:
                 log.info(
                     "epoch %d (stage %d): train loss %.4f acc %.4f | valid loss %.4f acc %.4f | %.0f s, %.1f img/s%s",
                     self.epoch, stage.number, train.loss, train.acc, valid.loss, valid.acc, seconds,
@@ -217,7 +228,9 @@ class Trainer:
                 log.info("early stop: no better valid accuracy for %d epochs", bad_epochs)
                 self.stopped_early = True
                 break
-        if not stage.checkpoint_each_epoch:
+        if stage_task is not None:
+            stage_task.close()
+        if stage.cheap_epochs:
             if best_in_stage is not None:
                 stage.module.load_state_dict(best_in_stage)  # continue from the best head, not the last
             stage_rows = [r for r in self.rows if r["stage"] == stage.number]

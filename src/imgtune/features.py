@@ -37,11 +37,15 @@ def extract_features(
 
 
 def tensor_batches(
-    x: torch.Tensor, y: torch.Tensor, batch_size: int, *, shuffle: bool, generator: torch.Generator | None = None
+    x: torch.Tensor,
+    y: torch.Tensor,
+    batch_size: int,
+    *,
+    shuffle: bool,
+    generator: torch.Generator | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Mini-batches straight from in-memory tensors: far cheaper than a DataLoader for tiny items."""
     order = torch.randperm(len(x), generator=generator) if shuffle else torch.arange(len(x))
     for start in range(0, len(x), batch_size):
         idx = order[start : start + batch_size]
         yield x[idx], y[idx]
-

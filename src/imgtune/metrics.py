@@ -83,8 +83,7 @@ def compute_metrics(
     support = torch.bincount(labels, minlength=c)
     present = support > 0
     per_class = [
-        ClassMetrics(classes[i], float(precision[i]), float(recall[i]), float(f1[i]), int(support[i]))
-        for i in range(c)
+        ClassMetrics(classes[i], float(precision[i]), float(recall[i]), float(f1[i]), int(support[i])) for i in range(c)
     ]
     return EvalResult(
         split=split,

@@ -39,6 +39,9 @@ class ModelError(ValueError):
 class Classifier(nn.Module):
     """backbone (image -> pooled features) + head (features -> logits), with normalisation built in."""
 
+    mean: torch.Tensor
+    std: torch.Tensor
+
     def __init__(self, backbone: nn.Module, head: nn.Module, arch: dict[str, Any]) -> None:
         super().__init__()
         self.backbone = backbone
@@ -73,14 +76,14 @@ class Classifier(nn.Module):
 
     def use_channels_last(self, enabled: bool = True) -> Classifier:
         self.channels_last = enabled
-        self.to(memory_format=torch.channels_last if enabled else torch.contiguous_format)  # type: ignore[call-overload]
+        self.to(memory_format=torch.channels_last if enabled else torch.contiguous_format)
         return self
 
     def preprocessing(self, img_size: int) -> Preprocessing:
         return Preprocessing(
             img_size=img_size,
-            mean=tuple(self.arch["mean"]),  # type: ignore[arg-type]
-            std=tuple(self.arch["std"]),  # type: ignore[arg-type]
+            mean=tuple(self.arch["mean"]),
+            std=tuple(self.arch["std"]),
             interpolation=self.arch["interpolation"],
         )
 

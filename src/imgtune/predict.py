@@ -76,7 +76,9 @@ class _Decoded(Dataset[tuple[torch.Tensor | None, int, str]]):
             return None, i, e.reason
 
 
-def _collate(items: list[tuple[torch.Tensor | None, int, str]]) -> tuple[torch.Tensor | None, list[int], list[Any]]:
+def _collate(
+    items: list[tuple[torch.Tensor | None, int, str]],
+) -> tuple[torch.Tensor | None, list[int], list[Any]]:
     good = [(t, i) for t, i, _ in items if t is not None]
     bad = [(i, r) for t, i, r in items if t is None]
     images = torch.stack([t for t, _ in good]) if good else None
@@ -163,7 +165,10 @@ class Predictor:
         k = max(1, min(top_k, len(self.classes)))
         probs, idx = logits.softmax(1).topk(k, dim=1)
         rows = [
-            Prediction(str(paths[i]), [(self.classes[c], float(p)) for p, c in zip(pr.tolist(), ix.tolist(), strict=True)])
+            Prediction(
+                str(paths[i]),
+                [(self.classes[c], float(p)) for p, c in zip(pr.tolist(), ix.tolist(), strict=True)],
+            )
             for i, pr, ix in zip(kept, probs, idx, strict=True)
         ]
         return rows, skipped

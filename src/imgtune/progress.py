@@ -19,7 +19,7 @@ class Progress(Protocol):
     def task(self, description: str, total: int) -> Task: ...
 
 
-class _Silent:
+class SilentTask:
     def advance(self, n: int = 1, **fields: Any) -> None:
         pass
 
@@ -29,7 +29,7 @@ class _Silent:
 
 class SilentProgress:
     def task(self, description: str, total: int) -> Task:
-        return _Silent()
+        return SilentTask()
 
 
 def _fmt(fields: dict[str, Any]) -> str:

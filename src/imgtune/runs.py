@@ -82,9 +82,7 @@ def new_run_folder(out: Path | None, data: Path, base: Path = Path("runs")) -> R
     if out is not None:
         out = Path(out)
         if out.exists() and any(out.iterdir()):
-            raise FileExistsError(
-                f"{out}: run folder exists and is not empty; choose another --out or remove it"
-            )
+            raise FileExistsError(f"{out}: run folder exists and is not empty; choose another --out or remove it")
         out.mkdir(parents=True, exist_ok=True)
         return RunFolder(out)
     stem = re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(data).resolve().name).strip("-") or "run"

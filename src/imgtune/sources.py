@@ -11,7 +11,6 @@ import json
 import logging
 import os
 import struct
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,13 @@ FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")  # Debian package 
 FASHION_MNIST_CLASSES = [
     "T-shirt-top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle-boot",
 ]  # fmt: skip
-_IDX_TYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"), 0x0D: np.dtype(">f4")}
+_IDX_TYPES: dict[int, np.dtype[Any]] = {
+    0x08: np.dtype(np.uint8),
+    0x09: np.dtype(np.int8),
+    0x0B: np.dtype(">i2"),
+    0x0C: np.dtype(">i4"),
+    0x0D: np.dtype(">f4"),
+}
 MARKER = ".imgtune-source.json"
 
 
@@ -48,7 +53,7 @@ def read_idx(path: Path) -> np.ndarray:
     ndim = raw[3]
     header = 4 + 4 * ndim
     dims = struct.unpack(f">{ndim}I", raw[4:header])
-    dtype = np.dtype(_IDX_TYPES[raw[2]])
+    dtype = _IDX_TYPES[raw[2]]
     expected = int(np.prod(dims)) * dtype.itemsize
     if len(raw) - header != expected:
         raise SourceError(f"{path}: {len(raw) - header} data bytes, expected {expected} for shape {dims}")
@@ -111,7 +116,12 @@ def write_fashion_mnist(
 ) -> dict[str, int]:
     """OUT/{train,valid,test}/<class>/<index>.png; test = the official 10,000 test images. Idempotent."""
     out = Path(out)
-    params: dict[str, Any] = {"dataset": "fashion-mnist", "per_class": per_class, "valid_per_class": valid_per_class, "seed": seed}
+    params: dict[str, Any] = {
+        "dataset": "fashion-mnist",
+        "per_class": per_class,
+        "valid_per_class": valid_per_class,
+        "seed": seed,
+    }
     marker = out / MARKER
     if marker.is_file():
         done = json.loads(marker.read_text())
@@ -140,7 +150,10 @@ def write_fashion_mnist(
         for c in FASHION_MNIST_CLASSES:
             (out / split / c).mkdir(parents=True, exist_ok=True)
         jobs += [(out / split / FASHION_MNIST_CLASSES[int(labels[i])] / f"{i}.png", images[i]) for i in indices]
-    save: Callable[[tuple[Path, np.ndarray]], None] = lambda job: Image.fromarray(job[1], mode="L").save(job[0])  # noqa: E731
+
+    def save(job: tuple[Path, np.ndarray]) -> None:
+        Image.fromarray(job[1], mode="L").save(job[0])
+
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
         list(pool.map(save, jobs))
     counts = {"train": len(train_idx), "valid": len(valid_idx), "test": len(test_y)}

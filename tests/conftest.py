@@ -1,0 +1,71 @@
+"""Fixtures that build small, real image folders on disk (PNG/JPEG files written with Pillow)."""
+
+from __future__ import annotations
+
+import os
+import struct
+import zlib
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never wait on a hub download
+FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
+
+# Three classes a pretrained backbone separates at once: colour and a shape.
+PALETTE = {"red": (200, 30, 30), "green": (30, 170, 60), "blue": (40, 60, 210)}
+
+
+def shape_image(colour: tuple[int, int, int], seed: int, size: int = 40) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    arr = rng.integers(0, 60, (size, size, 3), dtype=np.uint8) + 150
+    x0, y0 = rng.integers(2, size // 3, 2)
+    w = int(rng.integers(size // 3, size // 2))
+    arr[y0 : y0 + w, x0 : x0 + w] = np.array(colour, dtype=np.uint8)
+    return Image.fromarray(arr, "RGB")
+
+
+def write_class_folders(
+    root: Path,
+    per_class: int,
+    seed: int = 0,
+    fmt: str = "png",
+    classes: dict[str, tuple[int, int, int]] = PALETTE,
+) -> Path:
+    for k, (c, colour) in enumerate(classes.items()):
+        (root / c).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            shape_image(colour, seed * 10_000 + k * 1000 + i).save(root / c / f"{i}.{fmt}")
+    return root
+
+
+@pytest.fixture
+def make_dataset(tmp_path: Path) -> Callable[..., Path]:
+    """make_dataset(layout="split"|"single", train=, valid=, test=) -> dataset root."""
+
+    def make(layout: str = "split", train: int = 12, valid: int = 4, test: int = 4, name: str = "ds") -> Path:
+        root = tmp_path / name
+        if layout == "single":
+            return write_class_folders(root, train + valid, seed=1)
+        write_class_folders(root / "train", train, seed=1)
+        write_class_folders(root / "valid", valid, seed=2)
+        if test:
+            write_class_folders(root / "test", test, seed=3, fmt="jpg")
+        return root
+
+    return make
+
+
+def bomb_png(path: Path, width: int = 100_000, height: int = 100_000) -> Path:
+    """A tiny PNG whose header claims a huge image: what a decompression bomb looks like to a decoder."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    idat = zlib.compress(b"\x00" * 64)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+    return path

@@ -1,0 +1,114 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import bomb_png
+from imgtune.images import BACKGROUND, ImageError, image_size, load_rgb
+
+
+def test_png_named_jpg_is_decoded_by_content(tmp_path: Path) -> None:
+    p = tmp_path / "really_a_png.jpg"
+    Image.new("RGB", (20, 10), (10, 20, 30)).save(p, format="PNG")
+    t = load_rgb(p)
+    assert t.shape == (3, 10, 20) and t.dtype == torch.uint8
+    assert t[:, 0, 0].tolist() == [10, 20, 30]
+
+
+def test_text_file_named_jpg_is_reported(tmp_path: Path) -> None:
+    p = tmp_path / "notes.jpg"
+    p.write_text("this is not an image\n")
+    with pytest.raises(ImageError) as e:
+        load_rgb(p)
+    assert e.value.path == str(p) and "not an image" in e.value.reason
+
+
+def test_empty_file_is_reported(tmp_path: Path) -> None:
+    p = tmp_path / "empty.png"
+    p.write_bytes(b"")
+    with pytest.raises(ImageError, match="empty file"):
+        load_rgb(p)
+
+
+def test_truncated_jpeg_is_reported(tmp_path: Path) -> None:
+    p = tmp_path / "cut.jpg"
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(p, quality=95)
+    data = p.read_bytes()
+    p.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ImageError, match="cannot decode"):
+        load_rgb(p)
+
+
+def test_cmyk_jpeg_becomes_rgb(tmp_path: Path) -> None:
+    p = tmp_path / "cmyk.jpg"
+    Image.new("RGB", (16, 16), (200, 40, 40)).convert("CMYK").save(p, quality=100)
+    assert Image.open(p).mode == "CMYK"
+    t = load_rgb(p)
+    r, g, b = (int(v) for v in t[:, 8, 8])
+    assert t.shape == (3, 16, 16) and r > 150 and g < 90 and b < 90
+
+
+def test_16bit_png_is_scaled_not_clipped(tmp_path: Path) -> None:
+    p = tmp_path / "deep.png"
+    ramp = np.linspace(0, 65535, 256, dtype=np.uint16).reshape(16, 16)
+    Image.fromarray(ramp).save(p)
+    assert Image.open(p).mode.startswith("I")
+    t = load_rgb(p)
+    # clipping would make nearly everything 255; scaling keeps the ramp
+    assert int(t[0, 0, 0]) == 0 and int(t[0, 15, 15]) == 255
+    assert 120 <= int(t[0, 8, 0]) <= 135  # the middle of the ramp stays in the middle
+    assert torch.equal(t[0], t[1]) and torch.equal(t[1], t[2])
+
+
+def test_rgba_png_is_composited_on_the_fixed_background(tmp_path: Path) -> None:
+    p = tmp_path / "alpha.png"
+    arr = np.zeros((8, 8, 4), dtype=np.uint8)
+    arr[:, :4] = (255, 0, 0, 255)  # opaque red on the left, fully transparent black on the right
+    Image.fromarray(arr, "RGBA").save(p)
+    t = load_rgb(p)
+    assert t[:, 0, 0].tolist() == [255, 0, 0]
+    assert t[:, 0, 7].tolist() == list(BACKGROUND)
+
+
+def test_palette_gif_with_transparency_and_animation_uses_first_frame(tmp_path: Path) -> None:
+    p = tmp_path / "anim.gif"
+    frames = [Image.new("RGB", (10, 10), c).convert("P") for c in ((0, 0, 255), (255, 255, 0))]
+    frames[0].save(p, save_all=True, append_images=frames[1:], duration=50, loop=0)
+    t = load_rgb(p)
+    assert t[:, 5, 5].tolist() == [0, 0, 255]
+
+
+def test_exif_orientation_is_applied(tmp_path: Path) -> None:
+    p = tmp_path / "rotated.jpg"
+    arr = np.zeros((20, 40, 3), dtype=np.uint8)  # landscape: left half white
+    arr[:, :20] = 255
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to display"
+    Image.fromarray(arr).save(p, exif=exif, quality=100)
+    t = load_rgb(p)
+    assert t.shape == (3, 40, 20)  # displayed as portrait
+    assert image_size(p) == (20, 40)
+    assert t[:, :15].float().mean() > 200 and t[:, 25:].float().mean() < 50  # white ends up on top
+
+
+def test_decompression_bomb_is_refused_before_decoding(tmp_path: Path) -> None:
+    p = bomb_png(tmp_path / "bomb.png")
+    with pytest.raises(ImageError, match="decompression bomb"):
+        load_rgb(p)
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ImageError, match="not found"):
+        load_rgb(tmp_path / "nope.png")
+
+
+def test_jpeg_draft_decoding_keeps_at_least_the_target_size(tmp_path: Path) -> None:
+    p = tmp_path / "big.jpg"
+    Image.new("RGB", (800, 600), (90, 90, 90)).save(p)
+    t = load_rgb(p, draft_size=100)
+    assert min(t.shape[1:]) >= 100 and t.shape[1] < 600  # decoded at a reduced DCT scale

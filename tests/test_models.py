@@ -1,0 +1,81 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import skimage
+import torch
+
+from imgtune.checkpoint import save_checkpoint
+from imgtune.models import ModelError, create_model, imagenet_class_names, offline_weights_file
+from imgtune.predict import Predictor
+
+SKIMAGE_DATA = Path(skimage.__file__).parent / "data"
+
+
+@pytest.fixture(scope="module")
+def imagenet_predictor() -> Predictor:
+    model = create_model("tf_efficientnet_lite0", num_classes=1000, pretrained=True)
+    return Predictor(model, model.preprocessing(224), imagenet_class_names(), torch.device("cpu"))
+
+
+@pytest.mark.parametrize(
+    ("photo", "expected"),
+    [
+        ("chelsea.png", {"tabby, tabby cat", "tiger cat", "Egyptian cat"}),
+        ("coffee.png", {"espresso", "cup", "coffee mug"}),
+    ],
+)
+def test_offline_weights_give_the_right_imagenet_class(
+    imagenet_predictor: Predictor, photo: str, expected: set[str]
+) -> None:
+    rows, skipped = imagenet_predictor.predict([SKIMAGE_DATA / photo], top_k=3)
+    assert not skipped
+    assert rows[0].label in expected, rows[0].top
+
+
+def test_offline_weights_file_is_packaged() -> None:
+    path = offline_weights_file("tf_efficientnet_lite0")
+    assert path is not None and path.stat().st_size > 10_000_000
+
+
+def test_new_head_for_n_classes_keeps_the_backbone() -> None:
+    ref = create_model("tf_efficientnet_lite0", num_classes=1000, pretrained=True)
+    m = create_model("tf_efficientnet_lite0", num_classes=7, pretrained=True)
+    assert m.head[1].out_features == 7 and m.head[1].in_features == 1280
+    torch.testing.assert_close(m.backbone.conv_stem.weight, ref.backbone.conv_stem.weight)
+    x = torch.randint(0, 255, (2, 3, 64, 64), dtype=torch.uint8)
+    m.eval()
+    assert m(x).shape == (2, 7)
+
+
+def test_scratch_differs_from_pretrained() -> None:
+    a = create_model("tf_efficientnet_lite0", num_classes=3, pretrained=False)
+    b = create_model("tf_efficientnet_lite0", num_classes=3, pretrained=True)
+    assert not torch.equal(a.backbone.conv_stem.weight, b.backbone.conv_stem.weight)
+
+
+def test_unknown_model_suggests_close_names() -> None:
+    with pytest.raises(ModelError, match="tf_efficientnet_lite0"):
+        create_model("tf_efficientnet_lite", num_classes=3)
+
+
+def test_pretrained_download_failure_says_what_to_do() -> None:
+    # conftest sets HF_HUB_OFFLINE=1: the hub download fails at once, as it does on an offline machine
+    with pytest.raises(ModelError) as e:
+        create_model("resnet18", num_classes=3, pretrained=True)
+    assert "--scratch" in str(e.value) and "--weights" in str(e.value) and "tf_efficientnet_lite0" in str(e.value)
+
+
+def test_weights_file_from_state_dict_and_checkpoint(tmp_path: Path) -> None:
+    src = create_model("resnet18", num_classes=3, pretrained=False)
+    full = {f"module.{k}": v for k, v in src.backbone.state_dict().items()}  # a DDP-style state dict
+    torch.save(full, tmp_path / "r18.pth")
+    m = create_model("resnet18", num_classes=5, pretrained=False, weights=tmp_path / "r18.pth")
+    torch.testing.assert_close(m.backbone.conv1.weight, src.backbone.conv1.weight)
+    ckpt = tmp_path / "best.pt"
+    save_checkpoint(ckpt, {"arch": src.arch, "state_dict": src.state_dict(), "classes": [], "preprocessing": {}})
+    m2 = create_model("resnet18", num_classes=4, pretrained=False, weights=ckpt)
+    torch.testing.assert_close(m2.backbone.layer1[0].conv1.weight, src.backbone.layer1[0].conv1.weight)
+    with pytest.raises(ModelError, match=r"another architecture|match"):
+        create_model("tf_efficientnet_lite0", num_classes=3, pretrained=False, weights=tmp_path / "r18.pth")
