@@ -30,8 +30,8 @@ demo: fashion-mnist
 	$(BIN)/imgtune train $(DATA) --img-size 112 --epochs-frozen 30 --epochs 2
 
 lint: venv
-	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/ruff check src tests
+	$(BIN)/ruff format --check src tests
 	$(BIN)/mypy
 
 test: lint

@@ -89,6 +89,7 @@ class EpochResult:
     loss: float
     acc: float
     images: int
+    mean_lr: float = 0.0  # training epochs: the head's LR averaged over the epoch's steps
 
 
 class Trainer:
@@ -128,7 +129,7 @@ class Trainer:
     def train_epoch(self, stage: Stage) -> EpochResult:
         module, opt = stage.module, stage.optimizer
         module.train()
-        total_loss, correct, seen = 0.0, 0, 0
+        total_loss, correct, seen, lr_sum, steps = 0.0, 0, 0, 0.0, 0
         task = (
             _SILENT_TASK
             if stage.cheap_epochs
@@ -149,6 +150,8 @@ class Trainer:
                 if self.grad_clip is not None:
                     nn.utils.clip_grad_norm_(module.parameters(), self.grad_clip)
                 opt.step()
+                lr_sum += opt.param_groups[-1]["lr"]  # the head's LR (last group): what this step used
+                steps += 1
                 stage.scheduler.step()
                 n = len(y)
                 total_loss += float(loss.detach()) * n
@@ -158,7 +161,7 @@ class Trainer:
                 task.advance(loss=total_loss / seen, acc=correct / seen, img_s=round(seen / max(elapsed, 1e-9)))
         finally:
             task.close()
-        return EpochResult(total_loss / max(seen, 1), correct / max(seen, 1), seen)
+        return EpochResult(total_loss / max(seen, 1), correct / max(seen, 1), seen, lr_sum / max(steps, 1))
 
     @torch.inference_mode()
     def validate(self, stage: Stage) -> EpochResult:
@@ -194,7 +197,7 @@ class Trainer:
             row = {
                 "epoch": self.epoch,
                 "stage": stage.number,
-                "lr": stage.optimizer.param_groups[-1]["lr"],
+                "lr": train.mean_lr,
                 "train_loss": train.loss,
                 "train_acc": train.acc,
                 "valid_loss": valid.loss,
