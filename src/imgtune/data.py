@@ -12,7 +12,7 @@ import logging
 import os
 import random
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -403,7 +403,3 @@ def _seed_worker(worker_id: int) -> None:
         np.random.seed(seed)
     except ImportError:  # pragma: no cover
         pass
-
-
-def iter_labelled(samples: Iterable[Sample]) -> list[Sample]:
-    return [s for s in samples if s.label >= 0]
