@@ -43,7 +43,7 @@ USER_ERRORS = (
 )
 
 
-class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg,unused-ignore]
     """Writes to whatever sys.stderr is now (tests and notebooks swap it), not the stream seen at setup."""
 
     def emit(self, record: logging.LogRecord) -> None:
