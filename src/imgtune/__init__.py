@@ -6,7 +6,7 @@ result = imgtune.train(cfg)
 print(imgtune.evaluate(result.run_dir, "data/fashion-mnist").accuracy)
 """
 
-from imgtune.api import PredictResult, TrainResult, evaluate, load, predict, train
+from imgtune.api import PredictResult, TrainResult, evaluate, load, predict, resume, train
 from imgtune.config import Config, ConfigError, build_config
 from imgtune.metrics import EvalResult
 from imgtune.models import Classifier, create_model
@@ -27,5 +27,6 @@ __all__ = [
     "evaluate",
     "load",
     "predict",
+    "resume",
     "train",
 ]

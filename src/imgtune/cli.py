@@ -15,7 +15,7 @@ from typing import Annotated, Any
 import typer
 
 from imgtune.checkpoint import CheckpointError
-from imgtune.config import Augment, CacheMode, ConfigError, Device, Optimizer, build_config
+from imgtune.config import Augment, CacheMode, ConfigError, Device, Optimizer, Schedule, build_config
 from imgtune.data import DataError
 from imgtune.images import ImageError
 from imgtune.models import ModelError
@@ -120,40 +120,103 @@ def data_check(
 # ------------------------------------------------------------------------------------------------ train
 
 
+def _parse_sets(items: list[str] | None) -> dict[str, Any]:
+    """--set train.stage2.optimizer=sgd --set train.milestones=[10,20]: values parsed as YAML."""
+    import yaml
+
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.stage2.optimizer=sgd")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def _ints(text: str | None, flag: str) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError(f"{flag} {text!r}: expected comma-separated integers, e.g. 500 or 1024,256") from None
+
+
 @app.command()
 def train(
-    data: Annotated[Path, typer.Argument(help="Dataset folder (train/ + valid/ [+ test/], or class folders).")],
+    data: Annotated[
+        Path | None, typer.Argument(help="Dataset folder (train/ + valid/ [+ test/], or class folders).")
+    ] = None,
     config: Annotated[Path | None, typer.Option("--config", help="YAML config; flags override it.")] = None,
+    resume: Annotated[Path | None, typer.Option(help="Continue an interrupted run folder from its last.pt.")] = None,
     model: Annotated[str | None, typer.Option(help="timm model name [tf_efficientnet_lite0].")] = None,
     pretrained: Annotated[
-        bool | None,
-        typer.Option("--pretrained/--scratch", help="ImageNet weights or random init [pretrained]."),
+        bool | None, typer.Option("--pretrained/--scratch", help="ImageNet weights or random init [pretrained].")
     ] = None,
     weights: Annotated[Path | None, typer.Option(help="Start from this state dict / imgtune checkpoint.")] = None,
+    head: Annotated[str | None, typer.Option(help="MLP head hidden sizes, e.g. 500 or 1024,256 [linear].")] = None,
+    dropout: Annotated[float | None, typer.Option(help="Dropout before the classifier [0].")] = None,
     img_size: Annotated[int | None, typer.Option(help="Input size in pixels [224].")] = None,
-    epochs_frozen: Annotated[int | None, typer.Option(help="Head-only epochs on cached features [30].")] = None,
-    epochs: Annotated[int | None, typer.Option(help="Fine-tuning epochs, all layers [5].")] = None,
+    epochs_frozen: Annotated[int | None, typer.Option(help="Head-only epochs (stage 1) [30].")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Fine-tuning epochs (stage 2) [5].")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Batch size [32].")] = None,
     lr: Annotated[
-        float | None, typer.Option(help="Head LR; fine-tuning uses lr*0.5 (head), lr*0.1 (body) [1e-3].")
+        str | None, typer.Option(help="Stage-1 LR; stage 2: x0.5 head, x0.1 backbone; 'auto': LR finder [1e-3].")
     ] = None,
-    optimizer: Annotated[Optimizer | None, typer.Option(help="Optimizer [adamw].")] = None,
-    weight_decay: Annotated[float | None, typer.Option(help="Weight decay [0.01].")] = None,
+    optimizer: Annotated[Optimizer | None, typer.Option(help="Optimizer, both stages [adamw].")] = None,
+    schedule: Annotated[Schedule | None, typer.Option(help="LR schedule, both stages [cosine].")] = None,
+    warmup: Annotated[float | None, typer.Option(help="Share of a stage's steps with linear warmup [0.1].")] = None,
+    step_size: Annotated[int | None, typer.Option(help="step schedule: epochs between decays [10].")] = None,
+    milestones: Annotated[str | None, typer.Option(help="multistep schedule: epochs, e.g. 10,20.")] = None,
+    gamma: Annotated[
+        float | None, typer.Option(help="Decay factor of step/multistep/exponential/plateau [0.1].")
+    ] = None,
+    momentum: Annotated[float | None, typer.Option(help="SGD/RMSprop momentum [0.9].")] = None,
+    weight_decay: Annotated[float | None, typer.Option(help="Weight decay, not on biases/norms [0.01].")] = None,
+    unfreeze: Annotated[int | None, typer.Option(help="Stage 2 trains only the top N backbone blocks [all].")] = None,
+    lr_decay: Annotated[
+        float | None, typer.Option(help="Layer-wise LR decay from head to stem, e.g. 0.7 [off].")
+    ] = None,
+    bn: Annotated[str | None, typer.Option(help="BatchNorm statistics in stage 2: auto, frozen, train [auto].")] = None,
+    bn_frozen_stage: Annotated[str | None, typer.Option(help="BatchNorm in stage 1: frozen or train [frozen].")] = None,
     label_smoothing: Annotated[float | None, typer.Option(help="Label smoothing [0.1].")] = None,
-    grad_clip: Annotated[float | None, typer.Option(help="Clip gradient norm to this [off].")] = None,
-    dropout: Annotated[float | None, typer.Option(help="Dropout before the classifier [0].")] = None,
+    mixup: Annotated[float | None, typer.Option(help="Probability of mixup per batch [0].")] = None,
+    cutmix: Annotated[float | None, typer.Option(help="Probability of cutmix per batch [0].")] = None,
+    random_erasing: Annotated[float | None, typer.Option(help="Probability of random erasing [0].")] = None,
+    grad_clip: Annotated[float | None, typer.Option(help="Clip gradients to this norm/value [off].")] = None,
+    grad_clip_mode: Annotated[str | None, typer.Option(help="norm or value [norm].")] = None,
+    accumulate: Annotated[int | None, typer.Option(help="Batches per optimizer step [1].")] = None,
+    ema: Annotated[float | None, typer.Option(help="Weight EMA decay in stage 2, e.g. 0.999 [off].")] = None,
+    balance: Annotated[str | None, typer.Option(help="none, sampler or weights [none].")] = None,
+    monitor: Annotated[
+        str | None, typer.Option(help="valid_acc, valid_loss, macro_f1, balanced_acc [valid_acc].")
+    ] = None,
+    patience: Annotated[int | None, typer.Option(help="Early-stopping patience in fine-tuning epochs [3].")] = None,
+    precision: Annotated[str | None, typer.Option(help="auto, fp32, bf16, fp16 [auto].")] = None,
+    deterministic: Annotated[bool | None, typer.Option("--deterministic", help="Deterministic algorithms.")] = None,
+    tensorboard: Annotated[bool | None, typer.Option("--tensorboard", help="Also log to RUN/tensorboard/.")] = None,
     augment: Annotated[Augment | None, typer.Option(help="Augmentation preset [standard].")] = None,
     valid_fraction: Annotated[float | None, typer.Option(help="Held-out share when imgtune splits [0.2].")] = None,
     split_file: Annotated[Path | None, typer.Option(help="Reuse a split.csv from an earlier run.")] = None,
-    patience: Annotated[int | None, typer.Option(help="Early-stopping patience in fine-tuning epochs [3].")] = None,
     out: Annotated[Path | None, typer.Option(help="Run folder [runs/<data name>].")] = None,
     seed: Annotated[int | None, typer.Option(help="Random seed [0].")] = None,
     device: Annotated[Device | None, typer.Option(help="auto, cpu or cuda [auto].")] = None,
     workers: Annotated[int | None, typer.Option(help="DataLoader workers [auto].")] = None,
     cache: Annotated[CacheMode | None, typer.Option(help="Decoded-image RAM cache [auto].")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Any config key: --set train.stage2.lr=1e-4.")] = None,
     print_config: Annotated[bool, typer.Option("--print-config", help="Print the resolved config and exit.")] = False,
 ) -> None:
     """Fine-tune a pretrained model: head on frozen features, then all layers; best checkpoint kept."""
+    from imgtune.progress import auto_progress
+
+    if resume is not None:
+        from imgtune.recipe import resume as run_resume
+
+        _report(run_resume(resume, progress=auto_progress()))
+        return
+    if data is None and config is None:
+        _fail("give a dataset folder (DATA), --config FILE or --resume RUN")
+    auto_lr = lr == "auto"
     overrides: dict[str, Any] = {
         "data.path": data,
         "data.img_size": img_size,
@@ -166,27 +229,60 @@ def train(
         "model.name": model,
         "model.pretrained": pretrained,
         "model.weights": weights,
+        "model.head": _ints(head, "--head"),
         "model.dropout": dropout,
         "train.epochs_frozen": epochs_frozen,
         "train.epochs": epochs,
-        "train.lr": lr,
+        "train.lr": None if lr is None or auto_lr else _float(lr, "--lr"),
+        "train.lr_find": True if auto_lr else None,
         "train.optimizer": optimizer,
+        "train.schedule": schedule,
+        "train.warmup_fraction": warmup,
+        "train.step_size": step_size,
+        "train.milestones": _ints(milestones, "--milestones"),
+        "train.gamma": gamma,
+        "train.momentum": momentum,
         "train.weight_decay": weight_decay,
+        "train.unfreeze": unfreeze,
+        "train.lr_decay": lr_decay,
+        "train.bn": bn,
+        "train.bn_frozen_stage": bn_frozen_stage,
         "train.label_smoothing": label_smoothing,
+        "train.mixup": mixup,
+        "train.cutmix": cutmix,
+        "train.random_erasing": random_erasing,
         "train.grad_clip": grad_clip,
+        "train.grad_clip_mode": grad_clip_mode,
+        "train.accumulate": accumulate,
+        "train.ema": ema,
+        "train.balance": balance,
+        "train.monitor": monitor,
         "train.patience": patience,
+        "train.precision": precision,
+        "train.deterministic": deterministic,
+        "train.tensorboard": tensorboard,
         "out": out,
         "seed": seed,
         "device": device,
+        **_parse_sets(set_),
     }
     cfg = build_config(config, overrides)
     if print_config:
         typer.echo(cfg.to_yaml(), nl=False)
         return
     from imgtune.api import train as run_train
-    from imgtune.progress import auto_progress
 
-    result = run_train(cfg, progress=auto_progress())
+    _report(run_train(cfg, progress=auto_progress()))
+
+
+def _float(text: str, flag: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise ConfigError(f"{flag} {text!r}: expected a number or 'auto'") from None
+
+
+def _report(result: Any) -> None:
     typer.echo(f"best valid accuracy {result.best_valid_acc:.4f} (epoch {result.best_epoch})")
     if result.test is not None:
         typer.echo(f"test accuracy {result.test.accuracy:.4f} on {result.test.n} images")

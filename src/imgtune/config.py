@@ -14,11 +14,19 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from imgtune.optim import OptimSettings
+
 Augment = Literal["none", "light", "standard", "strong"]
 Device = Literal["auto", "cpu", "cuda"]
 CacheMode = Literal["auto", "ram", "none"]
-Optimizer = Literal["adamw", "sgd"]
+Optimizer = Literal["sgd", "adam", "adamw", "rmsprop"]
+Schedule = Literal["constant", "cosine", "onecycle", "step", "multistep", "exponential", "plateau"]
+Monitor = Literal["valid_acc", "valid_loss", "macro_f1", "balanced_acc"]
+Balance = Literal["none", "sampler", "weights"]
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+ClipMode = Literal["norm", "value"]
 BnPolicy = Literal["auto", "frozen", "train"]
+BnStage1 = Literal["frozen", "train"]
 
 
 class ConfigError(ValueError):
@@ -44,29 +52,99 @@ class ModelConfig(_Section):
     name: str = Field("tf_efficientnet_lite0", description="timm model name or a built-in one")
     pretrained: bool = Field(True, description="start from ImageNet weights (offline ones when packaged)")
     weights: Path | None = Field(None, description="start from this state-dict or imgtune checkpoint file")
+    head: list[int] = Field(default_factory=list, description="hidden sizes of an MLP head ([] = linear)")
+    head_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout after each hidden layer of the head")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout before the classifier layer")
+
+    @field_validator("head")
+    @classmethod
+    def _positive_sizes(cls, value: list[int]) -> list[int]:
+        if any(h < 1 for h in value):
+            raise ValueError(f"hidden sizes must be positive, got {value}")
+        return value
+
+
+class StageOverrides(_Section):
+    """Per-stage values; anything left unset falls back to the train section's value."""
+
+    optimizer: Optimizer | None = None
+    lr: float | None = Field(None, gt=0.0)
+    schedule: Schedule | None = None
+    weight_decay: float | None = Field(None, ge=0.0)
+    momentum: float | None = Field(None, ge=0.0, lt=1.0)
+    warmup_fraction: float | None = Field(None, ge=0.0, lt=1.0)
+    step_size: int | None = Field(None, ge=1)
+    milestones: list[int] | None = None
+    gamma: float | None = Field(None, gt=0.0, le=1.0)
+    plateau_patience: int | None = Field(None, ge=1)
 
 
 class TrainConfig(_Section):
     epochs_frozen: int = Field(30, ge=0, description="head-only epochs (cheap: run on cached features)")
-    epochs: int = Field(5, ge=0, description="fine-tuning epochs with all layers trainable")
+    epochs: int = Field(5, ge=0, description="fine-tuning epochs with the backbone trainable")
     lr: float = Field(1e-3, gt=0.0, description="head learning rate in stage 1; stage 2 scales it down")
-    finetune_lr_scale: float = Field(0.5, gt=0.0, description="stage-2 head LR = lr * this")
+    lr_find: bool = Field(False, description="run the LR range test before each stage and use its suggestion")
+    finetune_lr_scale: float = Field(0.5, gt=0.0, description="stage-2 head LR = lr * this (pretrained start)")
     backbone_lr_scale: float = Field(0.2, gt=0.0, description="stage-2 backbone LR = stage-2 head LR * this")
+    lr_decay: float | None = Field(None, gt=0.0, le=1.0, description="layer-wise LR decay from head to stem")
+    unfreeze: int | None = Field(None, ge=1, description="stage 2 trains only the top N backbone blocks")
     optimizer: Optimizer = "adamw"
-    momentum: float = Field(0.9, ge=0.0, lt=1.0, description="SGD momentum")
-    weight_decay: float = Field(0.01, ge=0.0)
+    momentum: float = Field(0.9, ge=0.0, lt=1.0, description="SGD/RMSprop momentum")
+    nesterov: bool = True
+    weight_decay: float = Field(0.01, ge=0.0, description="not applied to biases and norm weights")
+    schedule: Schedule = "cosine"
     warmup_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="share of a stage's steps spent warming up")
+    step_size: int = Field(10, ge=1, description="step schedule: epochs between decays")
+    milestones: list[int] = Field(default_factory=list, description="multistep schedule: epochs of the decays")
+    gamma: float = Field(0.1, gt=0.0, le=1.0, description="decay factor of step/multistep/exponential/plateau")
+    plateau_patience: int = Field(2, ge=1, description="plateau schedule: epochs without improvement")
+    stage1: StageOverrides = Field(default_factory=StageOverrides, description="head stage's own settings")
+    stage2: StageOverrides = Field(default_factory=StageOverrides, description="fine-tuning stage's own settings")
     label_smoothing: float = Field(0.1, ge=0.0, lt=1.0)
-    grad_clip: float | None = Field(None, gt=0.0, description="clip the gradient norm to this value")
+    mixup: float = Field(0.0, ge=0.0, le=1.0, description="probability of mixing a batch with mixup")
+    cutmix: float = Field(0.0, ge=0.0, le=1.0, description="probability of mixing a batch with cutmix")
+    random_erasing: float = Field(0.0, ge=0.0, le=1.0, description="probability of erasing a random patch")
+    grad_clip: float | None = Field(None, gt=0.0, description="clip gradients to this norm (or value)")
+    grad_clip_mode: ClipMode = "norm"
+    accumulate: int = Field(1, ge=1, description="batches per optimizer step")
+    ema: float | None = Field(None, gt=0.0, lt=1.0, description="weight EMA decay in stage 2, e.g. 0.999")
+    balance: Balance = "none"
+    monitor: Monitor = Field("valid_acc", description="metric that picks the best checkpoint")
     patience: int | None = Field(3, ge=1, description="stop fine-tuning after N epochs without improvement")
     bn: BnPolicy = Field("auto", description="BatchNorm statistics while fine-tuning (auto: frozen if pretrained)")
+    bn_frozen_stage: BnStage1 = Field("frozen", description="BatchNorm in the head stage: frozen or train")
+    precision: Precision = Field("auto", description="auto: bf16 on CUDA (fp16 if no bf16), fp32 on CPU")
+    deterministic: bool = Field(False, description="PyTorch deterministic algorithms")
+    tensorboard: bool = Field(False, description="also log to RUN/tensorboard/")
+
+    def optim_settings(self, stage: int, pretrained: bool) -> OptimSettings:
+        """One stage's optimizer/schedule settings: stage overrides > train values > recipe defaults."""
+        over = self.stage1 if stage == 1 else self.stage2
+        lr = self.lr if stage == 1 or not pretrained else self.lr * self.finetune_lr_scale
+
+        def pick(name: str) -> Any:
+            value = getattr(over, name)
+            return getattr(self, name) if value is None else value
+
+        return OptimSettings(
+            optimizer=pick("optimizer"),
+            lr=over.lr if over.lr is not None else lr,
+            momentum=pick("momentum"),
+            nesterov=self.nesterov,
+            weight_decay=pick("weight_decay"),
+            schedule=pick("schedule"),
+            warmup_fraction=pick("warmup_fraction"),
+            step_size=pick("step_size"),
+            milestones=tuple(pick("milestones")),
+            gamma=pick("gamma"),
+            plateau_patience=pick("plateau_patience"),
+        )
 
 
 class Config(_Section):
     data: DataConfig
-    model: ModelConfig = ModelConfig()
-    train: TrainConfig = TrainConfig()
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
     out: Path | None = Field(None, description="run folder (default: runs/<dataset name>, numbered if taken)")
     seed: int = 0
     device: Device = "auto"

@@ -375,15 +375,16 @@ def make_loader(
     *,
     shuffle: bool,
     workers: int,
-    seed: int = 0,
+    generator: torch.Generator | None = None,
+    sampler: torch.utils.data.Sampler[int] | None = None,
     pin_memory: bool = False,
     drop_last: bool = False,
 ) -> DataLoader[tuple[torch.Tensor, int] | None]:
-    generator = torch.Generator().manual_seed(seed)
     return DataLoader(
         dataset,
         batch_size=batch_size,
         shuffle=shuffle,
+        sampler=sampler,
         num_workers=workers,
         collate_fn=collate_skip,
         pin_memory=pin_memory,

@@ -1,7 +1,7 @@
 """The training loop. One `Stage` = a module to train, its batches, optimizer and schedule; the Trainer runs
-stages in order, validates every epoch, keeps the best checkpoint and stops early.
+stages in order, validates every epoch, keeps the best checkpoint, stops early and can resume exactly.
 
-Stage 1 trains the head on cached backbone features; stage 2 fine-tunes the whole Classifier on images.
+Stage 1 trains the head on cached backbone features; stage 2 fine-tunes the Classifier on images.
 Both go through the same `train_epoch`/`validate` code: a batch is (inputs, labels) either way.
 """
 
@@ -12,7 +12,7 @@ import math
 import random
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -20,53 +20,54 @@ import torch
 from torch import nn
 
 from imgtune.checkpoint import save_checkpoint
+from imgtune.optim import LRSchedule
 from imgtune.progress import Progress, SilentProgress, SilentTask
 from imgtune.runs import RunFolder
 
 log = logging.getLogger(__name__)
 
 Batch = tuple[torch.Tensor, torch.Tensor] | None
+BatchTransform = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 _SILENT_TASK = SilentTask()
+MAXIMIZE = {"valid_acc": True, "macro_f1": True, "balanced_acc": True, "valid_loss": False}
 
 
-def seed_everything(seed: int) -> None:
+def seed_everything(seed: int, deterministic: bool = False) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+    if torch.backends.cudnn.is_available():
+        torch.backends.cudnn.deterministic = deterministic
+        torch.backends.cudnn.benchmark = not deterministic
 
 
-def rng_state() -> dict[str, Any]:
+def rng_state(generator: torch.Generator | None = None) -> dict[str, Any]:
     """RNG states as tensors and plain values, so last.pt stays loadable with weights_only=True."""
     np_state: Any = np.random.get_state()
-    return {
-        "python": [list(v) if isinstance(v, tuple) else v for v in random.getstate()],
-        "numpy": {
-            "keys": torch.from_numpy(np.asarray(np_state[1]).astype(np.int64)),
-            "pos": int(np_state[2]),
-        },
+    py = random.getstate()
+    state: dict[str, Any] = {
+        "python": {"version": py[0], "internal": torch.tensor(py[1], dtype=torch.int64), "gauss": py[2]},
+        "numpy": {"keys": torch.from_numpy(np.asarray(np_state[1]).astype(np.int64)), "pos": int(np_state[2])},
         "torch": torch.get_rng_state(),
     }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    if generator is not None:
+        state["loader"] = generator.get_state()
+    return state
 
 
-def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_fraction: float) -> Any:
-    """Linear warmup then cosine decay to zero, stepped per batch."""
-    warmup = int(total_steps * warmup_fraction)
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        progress = (step - warmup) / max(1, total_steps - warmup)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-def make_optimizer(kind: str, groups: list[dict[str, Any]], momentum: float = 0.9) -> torch.optim.Optimizer:
-    if kind == "adamw":
-        return torch.optim.AdamW(groups)
-    if kind == "sgd":
-        return torch.optim.SGD(groups, momentum=momentum, nesterov=momentum > 0)
-    raise ValueError(f"optimizer {kind!r} is not one of adamw, sgd")
+def set_rng_state(state: dict[str, Any], generator: torch.Generator | None = None) -> None:
+    py = state["python"]
+    random.setstate((py["version"], tuple(int(v) for v in py["internal"].tolist()), py["gauss"]))
+    keys = state["numpy"]["keys"].numpy().astype(np.uint32)
+    np.random.set_state(("MT19937", keys, state["numpy"]["pos"], 0, 0.0))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    if generator is not None and "loader" in state:
+        generator.set_state(state["loader"])
 
 
 @dataclass
@@ -76,12 +77,15 @@ class Stage:
     module: nn.Module  # what the batches go through: the head (stage 1) or the whole Classifier (stage 2)
     train_batches: Callable[[], Iterable[Batch]]
     valid_batches: Callable[[], Iterable[Batch]]
-    steps_per_epoch: int
+    batches_per_epoch: int
     epochs: int
     optimizer: torch.optim.Optimizer
-    scheduler: Any
+    scheduler: LRSchedule
     cheap_epochs: bool  # feature epochs take a fraction of a second: progress per stage, checkpoints at its end
     patience: int | None
+    generator: torch.Generator | None = None  # the train sampler's; saved so a resume reshuffles identically
+    batch_transform: BatchTransform | None = None  # mixup / cutmix: returns soft targets
+    ema: torch.optim.swa_utils.AveragedModel | None = None
 
 
 @dataclass
@@ -89,11 +93,42 @@ class EpochResult:
     loss: float
     acc: float
     images: int
-    mean_lr: float = 0.0  # training epochs: the head's LR averaged over the epoch's steps
+    mean_lr: float = 0.0  # training epochs: the head's LR averaged over the epoch's optimizer steps
+    macro_f1: float = 0.0
+    balanced_acc: float = 0.0
+
+
+@dataclass
+class TrainerState:
+    """Everything about the loop that an exact resume needs besides weights and optimizer."""
+
+    epoch: int = 0  # global, across stages
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    best_score: float | None = None
+    best_epoch: int = 0
+    best_acc: float = 0.0
+    stage: int = 0
+    stage_epochs_done: int = 0
+    stage_best: float | None = None
+    bad_epochs: int = 0
+    stopped_early: bool = False
+    skipped_steps: int = 0
+
+
+def _macro_scores(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> tuple[float, float]:
+    """(macro F1, balanced accuracy) over the classes present in target."""
+    cm = torch.bincount(target * num_classes + pred, minlength=num_classes**2).view(num_classes, num_classes)
+    tp = cm.diag().double()
+    support, predicted = cm.sum(1).double(), cm.sum(0).double()
+    present = support > 0
+    recall = tp / support.clamp(min=1)
+    precision = tp / predicted.clamp(min=1)
+    f1 = 2 * precision * recall / (precision + recall).clamp(min=1e-12)
+    return float(f1[present].mean()), float(recall[present].mean())
 
 
 class Trainer:
-    """Runs stages; owns the metrics rows, the best-so-far tracking and checkpoint writing."""
+    """Runs stages; owns the metrics rows, best-so-far tracking, checkpoint writing and resume state."""
 
     def __init__(
         self,
@@ -102,60 +137,105 @@ class Trainer:
         checkpoint_base: dict[str, Any],
         *,
         device: torch.device,
+        num_classes: int,
         label_smoothing: float = 0.0,
+        class_weights: torch.Tensor | None = None,
         grad_clip: float | None = None,
+        grad_clip_mode: str = "norm",
+        accumulate: int = 1,
         amp_dtype: torch.dtype | None = None,
+        monitor: str = "valid_acc",
         progress: Progress | None = None,
+        tensorboard: Any = None,
     ) -> None:
         self.model = model
         self.run = run
         self.checkpoint_base = checkpoint_base
         self.device = device
-        self.train_loss = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+        self.num_classes = num_classes
+        weight = class_weights.to(device) if class_weights is not None else None
+        self.train_loss = nn.CrossEntropyLoss(weight=weight, label_smoothing=label_smoothing)
         self.eval_loss = nn.CrossEntropyLoss(reduction="sum")
-        self.grad_clip = grad_clip
+        self.grad_clip, self.grad_clip_mode, self.accumulate = grad_clip, grad_clip_mode, accumulate
         self.amp_dtype = amp_dtype
+        # fp16 needs loss scaling against underflow; bf16 and fp32 do not (a disabled scaler is a no-op)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+        self.monitor = monitor
         self.progress = progress or SilentProgress()
-        self.rows: list[dict[str, Any]] = []
-        self.best_acc = -1.0
-        self.best_epoch = 0
-        self.epoch = 0  # global, across stages, 1-based once the first epoch ends
-        self.stopped_early = False
+        self.tensorboard = tensorboard
+        self.state = TrainerState()
+
+    # ------------------------------------------------------------------------------------------ one epoch
 
     def _autocast(self) -> Any:
         enabled = self.amp_dtype is not None
         return torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=enabled)
 
+    def _non_finite(self, stage: Stage) -> None:
+        """Skip this step; under mixed precision switch to fp32 for the rest of the run."""
+        stage.optimizer.zero_grad(set_to_none=True)
+        self.state.skipped_steps += 1
+        if self.amp_dtype is not None:
+            log.warning("non-finite loss under %s autocast: continuing in fp32", self.amp_dtype)
+            self.amp_dtype = None
+            self.scaler = torch.amp.GradScaler(self.device.type, enabled=False)
+        else:
+            log.warning("non-finite loss: step skipped (%d so far)", self.state.skipped_steps)
+
+    def _optimizer_step(self, stage: Stage) -> None:
+        opt = stage.optimizer
+        if self.grad_clip is not None:
+            self.scaler.unscale_(opt)
+            params = [p for g in opt.param_groups for p in g["params"]]
+            if self.grad_clip_mode == "value":
+                nn.utils.clip_grad_value_(params, self.grad_clip)
+            else:
+                nn.utils.clip_grad_norm_(params, self.grad_clip)
+        self.scaler.step(opt)
+        self.scaler.update()
+        opt.zero_grad(set_to_none=True)
+        stage.scheduler.step()
+        if stage.ema is not None:
+            stage.ema.update_parameters(stage.module)
+
     def train_epoch(self, stage: Stage) -> EpochResult:
         module, opt = stage.module, stage.optimizer
         module.train()
-        total_loss, correct, seen, lr_sum, steps = 0.0, 0, 0, 0.0, 0
+        total_loss, correct, seen, lr_sum, steps, pending = 0.0, 0, 0, 0.0, 0, 0
         task = (
             _SILENT_TASK
             if stage.cheap_epochs
-            else self.progress.task(f"stage {stage.number} epoch {self.epoch + 1}", stage.steps_per_epoch)
+            else self.progress.task(f"stage {stage.number} epoch {self.state.epoch + 1}", stage.batches_per_epoch)
         )
         start = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
         try:
-            for batch in stage.train_batches():
+            for i, batch in enumerate(stage.train_batches()):
                 if batch is None:  # every file of this batch was unreadable
                     continue
                 x = batch[0].to(self.device, non_blocking=True)
                 y = batch[1].to(self.device, non_blocking=True)
+                hard = y
+                if stage.batch_transform is not None:
+                    x, y = stage.batch_transform(x, y)
+                    hard = y.argmax(1)
                 with self._autocast():
                     logits = module(x)
-                    loss = self.train_loss(logits.float(), y)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                if self.grad_clip is not None:
-                    nn.utils.clip_grad_norm_(module.parameters(), self.grad_clip)
-                opt.step()
-                lr_sum += opt.param_groups[-1]["lr"]  # the head's LR (last group): what this step used
-                steps += 1
-                stage.scheduler.step()
-                n = len(y)
+                loss = self.train_loss(logits.float(), y)
+                if not torch.isfinite(loss):
+                    self._non_finite(stage)
+                    pending = 0
+                    continue
+                self.scaler.scale(loss / self.accumulate).backward()
+                pending += 1
+                if pending == self.accumulate or i + 1 >= stage.batches_per_epoch:
+                    lr_sum += opt.param_groups[-1]["lr"]  # the head's LR (last group): what this step used
+                    steps += 1
+                    self._optimizer_step(stage)
+                    pending = 0
+                n = len(hard)
                 total_loss += float(loss.detach()) * n
-                correct += int((logits.argmax(1) == y).sum())
+                correct += int((logits.argmax(1) == hard).sum())
                 seen += n
                 elapsed = time.perf_counter() - start
                 task.advance(loss=total_loss / seen, acc=correct / seen, img_s=round(seen / max(elapsed, 1e-9)))
@@ -164,38 +244,67 @@ class Trainer:
         return EpochResult(total_loss / max(seen, 1), correct / max(seen, 1), seen, lr_sum / max(steps, 1))
 
     @torch.inference_mode()
-    def validate(self, stage: Stage) -> EpochResult:
-        stage.module.eval()
-        total_loss, correct, seen = 0.0, 0, 0
-        for batch in stage.valid_batches():
+    def validate(self, module: nn.Module, batches: Iterable[Batch]) -> EpochResult:
+        was_training = module.training
+        module.eval()
+        total_loss, seen = 0.0, 0
+        preds, targets = [], []
+        for batch in batches:
             if batch is None:
                 continue
             x, y = batch[0].to(self.device), batch[1].to(self.device)
             with self._autocast():
-                logits = stage.module(x).float()
+                logits = module(x).float()
             total_loss += float(self.eval_loss(logits, y))
-            correct += int((logits.argmax(1) == y).sum())
+            preds.append(logits.argmax(1).cpu())
+            targets.append(y.cpu())
             seen += len(y)
-        return EpochResult(total_loss / max(seen, 1), correct / max(seen, 1), seen)
+        module.train(was_training)
+        if not seen:
+            return EpochResult(float("nan"), 0.0, 0)
+        pred, target = torch.cat(preds), torch.cat(targets)
+        f1, bal = _macro_scores(pred, target, self.num_classes)
+        acc = float((pred == target).float().mean())
+        return EpochResult(total_loss / seen, acc, seen, macro_f1=f1, balanced_acc=bal)
+
+    # -------------------------------------------------------------------------------------------- a stage
+
+    def _score(self, valid: EpochResult) -> float:
+        return {
+            "valid_acc": valid.acc,
+            "valid_loss": valid.loss,
+            "macro_f1": valid.macro_f1,
+            "balanced_acc": valid.balanced_acc,
+        }[self.monitor]
+
+    def _better(self, score: float, than: float | None) -> bool:
+        if than is None:
+            return not math.isnan(score)
+        return score > than if MAXIMIZE[self.monitor] else score < than
 
     def run_stage(self, stage: Stage) -> None:
-        if stage.epochs <= 0:
+        st = self.state
+        if st.stage != stage.number:  # a new stage (on resume, the state already points into this one)
+            st.stage, st.stage_epochs_done, st.stage_best, st.bad_epochs = stage.number, 0, None, 0
+        if stage.epochs <= st.stage_epochs_done or st.stopped_early:
             return
         log.info("%s", stage.description)
         best_in_stage: dict[str, torch.Tensor] | None = None
-        stage_best = -1.0
-        bad_epochs = 0
         stage_start = time.perf_counter()
         stage_task = self.progress.task(f"stage {stage.number} epochs", stage.epochs) if stage.cheap_epochs else None
-        for _ in range(stage.epochs):
+        while st.stage_epochs_done < stage.epochs:
             t0 = time.perf_counter()
             train = self.train_epoch(stage)
             train_seconds = time.perf_counter() - t0
-            valid = self.validate(stage)
+            evaluated = stage.ema.module if stage.ema is not None else stage.module
+            valid = self.validate(evaluated, stage.valid_batches())
+            raw = self.validate(stage.module, stage.valid_batches()) if stage.ema is not None else None
+            stage.scheduler.epoch_end(self._score(valid))
             seconds = time.perf_counter() - t0
-            self.epoch += 1
+            st.epoch += 1
+            st.stage_epochs_done += 1
             row = {
-                "epoch": self.epoch,
+                "epoch": st.epoch,
                 "stage": stage.number,
                 "lr": train.mean_lr,
                 "train_loss": train.loss,
@@ -204,63 +313,105 @@ class Trainer:
                 "valid_acc": valid.acc,
                 "seconds": seconds,
                 "images_per_s": train.images / max(train_seconds, 1e-9),
+                "valid_macro_f1": valid.macro_f1,
+                "valid_balanced_acc": valid.balanced_acc,
+                "raw_valid_acc": raw.acc if raw is not None else "",
             }
-            self.rows.append(row)
-            self.run.write_metrics(self.rows)
+            st.rows.append(row)
+            self.run.write_metrics(st.rows)
+            self._log_tensorboard(row)
             if stage_task is not None:
                 stage_task.advance(train_acc=train.acc, valid_acc=valid.acc)
-            improved = valid.acc > self.best_acc
+            score = self._score(valid)
+            improved = self._better(score, st.best_score)
             if improved:
-                self.best_acc, self.best_epoch = valid.acc, self.epoch
-            if valid.acc > stage_best:
-                stage_best, bad_epochs = valid.acc, 0
+                st.best_score, st.best_epoch, st.best_acc = score, st.epoch, valid.acc
+            if self._better(score, st.stage_best):
+                st.stage_best, st.bad_epochs = score, 0
                 if stage.cheap_epochs:
                     best_in_stage = {k: v.detach().clone() for k, v in stage.module.state_dict().items()}
             else:
-                bad_epochs += 1
+                st.bad_epochs += 1
+            if stage.patience is not None and st.bad_epochs >= stage.patience:
+                log.info("early stop: no better %s for %d epochs", self.monitor, st.bad_epochs)
+                st.stopped_early = True
             if not stage.cheap_epochs:
                 log.info(
                     "epoch %d (stage %d): train loss %.4f acc %.4f | valid loss %.4f acc %.4f | %.0f s, %.1f img/s%s",
-                    self.epoch, stage.number, train.loss, train.acc, valid.loss, valid.acc, seconds,
+                    st.epoch, stage.number, train.loss, train.acc, valid.loss, valid.acc, seconds,
                     row["images_per_s"], "  * best" if improved else "",
                 )  # fmt: skip
                 if improved:
                     self.save("best", stage)
                 self.save("last", stage)
-            if stage.patience is not None and bad_epochs >= stage.patience:
-                log.info("early stop: no better valid accuracy for %d epochs", bad_epochs)
-                self.stopped_early = True
+            if st.stopped_early:
                 break
         if stage_task is not None:
             stage_task.close()
         if stage.cheap_epochs:
             if best_in_stage is not None:
                 stage.module.load_state_dict(best_in_stage)  # continue from the best head, not the last
-            stage_rows = [r for r in self.rows if r["stage"] == stage.number]
+            stage_rows = [r for r in st.rows if r["stage"] == stage.number]
             best_row = max(stage_rows, key=lambda r: r["valid_acc"])
             log.info(
                 "stage %d: %d epochs in %.1f s; best valid acc %.4f (epoch %d)",
                 stage.number, len(stage_rows), time.perf_counter() - stage_start, best_row["valid_acc"],
                 best_row["epoch"],
             )  # fmt: skip
-            if best_row["epoch"] == self.best_epoch:
+            if st.best_epoch in {r["epoch"] for r in stage_rows}:
                 self.save("best", stage)
+            st.stopped_early = False  # patience is a fine-tuning rule; the head stage always runs to its end
             self.save("last", stage)
 
+    def _log_tensorboard(self, row: dict[str, Any]) -> None:
+        if self.tensorboard is None:
+            return
+        for key, value in row.items():
+            if key not in ("epoch", "stage") and isinstance(value, int | float):
+                self.tensorboard.add_scalar(key, value, row["epoch"])
+        self.tensorboard.flush()
+
+    # ------------------------------------------------------------------------------------ checkpoints
+
     def save(self, kind: str, stage: Stage) -> None:
-        payload = {
+        weights = stage.ema.module.state_dict() if stage.ema is not None else None
+        model_state = self.model.state_dict()
+        if weights is not None and stage.module is self.model:
+            model_state = weights  # inference uses the averaged weights
+        payload: dict[str, Any] = {
             **self.checkpoint_base,
-            "state_dict": self.model.state_dict(),
-            "epoch": self.epoch,
+            "state_dict": model_state,
+            "epoch": self.state.epoch,
             "stage": stage.number,
-            "best_valid_acc": self.best_acc,
-            "best_epoch": self.best_epoch,
+            "best_valid_acc": self.state.best_acc,
+            "best_epoch": self.state.best_epoch,
         }
         if kind == "last":  # what an exact resume needs
             payload["train_state"] = {
+                "trainer": vars(self.state).copy(),
+                "raw_state_dict": self.model.state_dict(),
                 "optimizer": stage.optimizer.state_dict(),
                 "scheduler": stage.scheduler.state_dict(),
-                "rng": rng_state(),
-                "rows": self.rows,
+                "scaler": self.scaler.state_dict(),
+                "ema_n_averaged": stage.ema.n_averaged.clone() if stage.ema is not None else None,
+                "amp": str(self.amp_dtype) if self.amp_dtype is not None else None,
+                "rng": rng_state(stage.generator),
             }
         save_checkpoint(self.run.best if kind == "best" else self.run.last, payload)
+
+    def restore(self, train_state: dict[str, Any], stage: Stage, checkpoint_state: dict[str, torch.Tensor]) -> None:
+        """Continue `stage` exactly where last.pt left it (called after the stage's objects are built)."""
+        self.state = TrainerState(**train_state["trainer"])
+        self.model.load_state_dict(train_state["raw_state_dict"])
+        stage.optimizer.load_state_dict(train_state["optimizer"])
+        stage.scheduler.load_state_dict(train_state["scheduler"])
+        if train_state.get("scaler"):
+            self.scaler.load_state_dict(train_state["scaler"])
+        if train_state.get("amp") is None and self.amp_dtype is not None:
+            self.amp_dtype = None  # the run had fallen back to fp32 before it stopped
+            self.scaler = torch.amp.GradScaler(self.device.type, enabled=False)
+        if stage.ema is not None and train_state.get("ema_n_averaged") is not None:
+            stage.ema.module.load_state_dict(checkpoint_state)
+            stage.ema.n_averaged.copy_(train_state["ema_n_averaged"])
+        set_rng_state(train_state["rng"], stage.generator)
+        self.run.write_metrics(self.state.rows)  # drop rows written after this checkpoint

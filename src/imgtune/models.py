@@ -11,7 +11,7 @@ from __future__ import annotations
 import difflib
 import importlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +49,9 @@ class Classifier(nn.Module):
         self.arch = arch  # plain values: name, num_classes, num_features, dropout, mean, std, interpolation
         self.register_buffer("mean", torch.tensor(arch["mean"]).view(1, 3, 1, 1) * 255, persistent=False)
         self.register_buffer("std", torch.tensor(arch["std"]).view(1, 3, 1, 1) * 255, persistent=False)
-        self.bn_frozen = False
+        # BatchNorm running statistics in train mode: "trainable" = update only in layers whose weights
+        # train; "frozen" = never update; "update" = update everywhere (even in frozen layers)
+        self.bn_policy = "trainable"
         self.channels_last = False
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
@@ -68,10 +70,11 @@ class Classifier(nn.Module):
 
     def train(self, mode: bool = True) -> Classifier:
         super().train(mode)
-        if mode and self.bn_frozen:
+        if mode and self.bn_policy != "update":
             for m in self.backbone.modules():
-                if isinstance(m, _BN_TYPES):
-                    m.eval()  # keep the pretrained running statistics (affine weights still learn)
+                frozen_block = not any(p.requires_grad for p in m.parameters())
+                if isinstance(m, _BN_TYPES) and (self.bn_policy == "frozen" or frozen_block):
+                    m.eval()  # keep the pretrained running statistics (affine weights still learn if trainable)
         return self
 
     def use_channels_last(self, enabled: bool = True) -> Classifier:
@@ -97,12 +100,45 @@ def set_requires_grad(module: nn.Module, flag: bool) -> None:
         p.requires_grad_(flag)
 
 
-def param_groups(model: Classifier, head_lr: float, backbone_lr: float, weight_decay: float) -> list[dict[str, Any]]:
-    """Backbone and head at their own LRs; no weight decay on biases and norm weights (1-D tensors),
+def backbone_groups(backbone: nn.Module) -> list[list[nn.Parameter]]:
+    """The backbone's parameters in blocks, stem first (timm's group_matcher; one block for other models)."""
+    matcher = getattr(backbone, "group_matcher", None)
+    if matcher is not None:
+        from timm.models import group_parameters
+
+        named = dict(backbone.named_parameters())
+        grouped = group_parameters(backbone, matcher(coarse=False))
+        blocks = [[named[n] for n in names if n in named] for names in grouped.values()]
+        return [b for b in blocks if b]
+    return [list(backbone.parameters())]
+
+
+def unfreeze_top(model: Classifier, n: int | None) -> None:
+    """Make the head and the top n backbone blocks trainable (all blocks when n is None)."""
+    set_requires_grad(model, True)
+    if n is not None:
+        blocks = backbone_groups(model.backbone)
+        for block in blocks[: max(0, len(blocks) - n)]:
+            for p in block:
+                p.requires_grad_(False)
+
+
+def param_groups(
+    model: Classifier, head_lr: float, backbone_lr: float, weight_decay: float, lr_decay: float | None = None
+) -> list[dict[str, Any]]:
+    """Head and backbone at their own LRs; with lr_decay, backbone block i of n (stem = 0) gets
+    head_lr * lr_decay ** (n - i) instead. No weight decay on biases and norm weights (1-D tensors),
     which decay would only pull towards zero without regularising anything."""
+    blocks = backbone_groups(model.backbone)
+    parts: list[tuple[list[nn.Parameter], float]] = []
+    if lr_decay is None:
+        parts.append(([p for b in blocks for p in b], backbone_lr))
+    else:
+        parts += [(b, head_lr * lr_decay ** (len(blocks) - i)) for i, b in enumerate(blocks)]
+    parts.append((list(model.head.parameters()), head_lr))
     groups = []
-    for part, lr in ((model.backbone, backbone_lr), (model.head, head_lr)):
-        params = [p for p in part.parameters() if p.requires_grad]
+    for params, lr in parts:
+        params = [p for p in params if p.requires_grad]
         decay = [p for p in params if p.ndim > 1]
         no_decay = [p for p in params if p.ndim <= 1]
         groups += [
@@ -112,8 +148,17 @@ def param_groups(model: Classifier, head_lr: float, backbone_lr: float, weight_d
     return [g for g in groups if g["params"]]
 
 
-def make_head(num_features: int, num_classes: int, dropout: float = 0.0) -> nn.Sequential:
-    return nn.Sequential(nn.Dropout(dropout), nn.Linear(num_features, num_classes))
+def make_head(
+    num_features: int, num_classes: int, dropout: float = 0.0, hidden: Sequence[int] = (), hidden_dropout: float = 0.0
+) -> nn.Sequential:
+    """Linear (Dropout -> Linear), or an MLP: [Linear -> ReLU -> Dropout] per hidden size -> Dropout -> Linear."""
+    layers: list[nn.Module] = []
+    width = num_features
+    for h in hidden:
+        layers += [nn.Linear(width, h), nn.ReLU(inplace=True), nn.Dropout(hidden_dropout)]
+        width = h
+    layers += [nn.Dropout(dropout), nn.Linear(width, num_classes)]
+    return nn.Sequential(*layers)
 
 
 def _check_name(name: str) -> None:
@@ -219,6 +264,8 @@ def create_model(
     *,
     weights: Path | str | None = None,
     dropout: float = 0.0,
+    head: Sequence[int] = (),
+    head_dropout: float = 0.0,
 ) -> Classifier:
     """A Classifier for `num_classes`. With num_classes=1000 and ImageNet weights the ImageNet head is kept."""
     _check_name(name)
@@ -231,26 +278,40 @@ def create_model(
     cfg = getattr(net, "pretrained_cfg", {}) or {}
     net.reset_classifier(0)  # type: ignore[operator]
     num_features = int(getattr(net, "head_hidden_size", None) or net.num_features)  # type: ignore[arg-type]
-    head = make_head(num_features, num_classes, dropout)
-    if (pretrained or weights) and isinstance(old_head, nn.Linear) and old_head.out_features == num_classes:
-        head[1].load_state_dict(old_head.state_dict())
+    new_head = make_head(num_features, num_classes, dropout, head, head_dropout)
+    if (
+        (pretrained or weights)
+        and not head
+        and isinstance(old_head, nn.Linear)
+        and old_head.out_features == num_classes
+    ):
+        new_head[-1].load_state_dict(old_head.state_dict())
     arch = {
         "name": name,
         "num_classes": num_classes,
         "num_features": num_features,
         "dropout": dropout,
+        "head": [int(h) for h in head],
+        "head_dropout": head_dropout,
         "mean": [float(v) for v in cfg.get("mean", (0.485, 0.456, 0.406))],
         "std": [float(v) for v in cfg.get("std", (0.229, 0.224, 0.225))],
-        "interpolation": cfg.get("interpolation", "bicubic") if cfg.get("interpolation") == "bicubic" else "bilinear",
+        "interpolation": "bicubic" if cfg.get("interpolation") == "bicubic" else "bilinear",
         "input_size": int(cfg.get("input_size", (3, 224, 224))[-1]),
     }
-    return Classifier(net, head, arch)
+    return Classifier(net, new_head, arch)
 
 
 def model_from_checkpoint(ckpt: dict[str, Any]) -> Classifier:
     """Rebuild the exact model of a checkpoint: no download, no pretrained weights needed."""
     arch = ckpt["arch"]
-    model = create_model(arch["name"], int(arch["num_classes"]), pretrained=False, dropout=float(arch["dropout"]))
+    model = create_model(
+        arch["name"],
+        int(arch["num_classes"]),
+        pretrained=False,
+        dropout=float(arch["dropout"]),
+        head=[int(h) for h in arch.get("head", [])],
+        head_dropout=float(arch.get("head_dropout", 0.0)),
+    )
     model.arch.update({k: arch[k] for k in ("mean", "std", "interpolation") if k in arch})
     model.mean.copy_(torch.tensor(arch["mean"]).view(1, 3, 1, 1) * 255)
     model.std.copy_(torch.tensor(arch["std"]).view(1, 3, 1, 1) * 255)

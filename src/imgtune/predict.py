@@ -18,8 +18,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from imgtune.checkpoint import atomic_write_text, load_checkpoint, resolve_checkpoint
-from imgtune.data import decode_prepared, list_files
+from imgtune.data import DataError, decode_prepared, list_files
 from imgtune.images import ImageError
+from imgtune.metrics import EvalResult, compute_metrics
 from imgtune.models import Classifier, model_from_checkpoint
 from imgtune.transforms import Preprocessing
 
@@ -157,6 +158,19 @@ class Predictor:
                 kept += idx
         logits = torch.cat(chunks) if chunks else torch.empty(0, len(self.classes))
         return logits, kept, skipped
+
+    def evaluate(
+        self, pairs: Sequence[tuple[Path, str]], split: str = "test", batch_size: int = 64, workers: int | None = None
+    ) -> EvalResult:
+        """Metrics on (file, class name) pairs; classes are matched to the model's by name."""
+        index = {c: i for i, c in enumerate(self.classes)}
+        unknown = sorted({c for _, c in pairs if c not in index})
+        if unknown:
+            raise DataError(f"class(es) {unknown} in the {split} data are not classes of this model ({self.classes})")
+        paths = [p for p, _ in pairs]
+        logits, kept, skipped = self.logits_for_paths(paths, batch_size, workers)
+        labels = torch.tensor([index[pairs[i][1]] for i in kept], dtype=torch.long)
+        return compute_metrics(logits, labels, self.classes, split, skipped)
 
     def predict(
         self, paths: Sequence[Path], top_k: int = 3, batch_size: int = 64, workers: int | None = None

@@ -25,6 +25,9 @@ METRIC_COLUMNS = [
     "valid_acc",
     "seconds",
     "images_per_s",
+    "valid_macro_f1",
+    "valid_balanced_acc",
+    "raw_valid_acc",  # with weight EMA: the raw (non-averaged) weights' valid accuracy; valid_* are the EMA's
 ]
 
 
@@ -69,7 +72,7 @@ class RunFolder:
         writer = csv.DictWriter(buf, fieldnames=METRIC_COLUMNS, lineterminator="\n")
         writer.writeheader()
         for row in rows:
-            writer.writerow({k: _fmt(row[k]) for k in METRIC_COLUMNS})
+            writer.writerow({k: _fmt(row.get(k, "")) for k in METRIC_COLUMNS})
         atomic_write_text(self.metrics, buf.getvalue())
 
 

@@ -66,7 +66,7 @@ def prepare(image: torch.Tensor, prep: Preprocessing) -> torch.Tensor:
     return image
 
 
-def augmentation(preset: Augment, prep: Preprocessing) -> v2.Transform:
+def augmentation(preset: Augment, prep: Preprocessing, random_erasing: float = 0.0) -> v2.Transform:
     """Random transforms on the prepared uint8 image. Hue is kept small: colour often is the label."""
     s = prep.img_size
     crop = lambda lo: v2.RandomResizedCrop(  # noqa: E731
@@ -89,4 +89,33 @@ def augmentation(preset: Augment, prep: Preprocessing) -> v2.Transform:
             v2.RandomErasing(p=0.25, value=0),
         ],
     }
-    return v2.Compose(presets[preset])
+    steps = presets[preset]
+    if random_erasing > 0:  # cutout: one random rectangle per image set to zero
+        steps = [t for t in steps if not isinstance(t, v2.RandomErasing)] + [
+            v2.RandomErasing(p=random_erasing, value=0)
+        ]
+    return v2.Compose(steps)
+
+
+class BatchMix:
+    """Mixup / cutmix on a batch, each with its own probability; always returns soft targets.
+
+    Works on [0, 1] float images (uint8 batches are converted), which the model accepts as well.
+    """
+
+    def __init__(self, num_classes: int, mixup: float = 0.0, cutmix: float = 0.0) -> None:
+        self.num_classes, self.p_mixup, self.p_cutmix = num_classes, mixup, cutmix
+        self.mixup = v2.MixUp(alpha=0.2, num_classes=num_classes)
+        self.cutmix = v2.CutMix(alpha=1.0, num_classes=num_classes)
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if x.dtype == torch.uint8:
+            x = x.float().div_(255)
+        r = float(torch.rand(()))
+        if r < self.p_mixup:
+            out: tuple[torch.Tensor, torch.Tensor] = self.mixup(x, y)
+            return out
+        if r < self.p_mixup + self.p_cutmix:
+            out = self.cutmix(x, y)
+            return out
+        return x, torch.nn.functional.one_hot(y, self.num_classes).float()

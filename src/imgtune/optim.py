@@ -1,0 +1,171 @@
+"""Optimizers and learning-rate schedules by name.
+
+Every schedule is one `LRSchedule`: a factor on each param group's base LR, recomputed after every batch
+(linear warmup first, then the named shape). Epoch-shaped schedules (step, multistep, exponential) change
+at epoch boundaries, the batch-shaped ones (cosine, one-cycle) every step, and plateau reacts to the
+monitored metric at the end of each epoch. Its state is plain numbers, so it checkpoints with weights_only.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+OptimizerFactory = Callable[[list[dict[str, Any]], "OptimSettings"], torch.optim.Optimizer]
+OPTIMIZERS: dict[str, OptimizerFactory] = {}
+SCHEDULES = ("constant", "cosine", "onecycle", "step", "multistep", "exponential", "plateau")
+
+
+@dataclass(frozen=True)
+class OptimSettings:
+    """What one stage's optimizer and schedule need; resolved from the config per stage."""
+
+    optimizer: str = "adamw"
+    lr: float = 1e-3
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 0.01
+    schedule: str = "cosine"
+    warmup_fraction: float = 0.1
+    step_size: int = 10
+    milestones: tuple[int, ...] = field(default_factory=tuple)
+    gamma: float = 0.1
+    plateau_patience: int = 2
+
+
+def register_optimizer(name: str) -> Callable[[OptimizerFactory], OptimizerFactory]:
+    def add(factory: OptimizerFactory) -> OptimizerFactory:
+        if name in OPTIMIZERS:
+            raise ValueError(f"optimizer {name!r} is registered twice")
+        OPTIMIZERS[name] = factory
+        return factory
+
+    return add
+
+
+@register_optimizer("sgd")
+def _sgd(groups: list[dict[str, Any]], s: OptimSettings) -> torch.optim.Optimizer:
+    return torch.optim.SGD(groups, lr=s.lr, momentum=s.momentum, nesterov=s.nesterov and s.momentum > 0)
+
+
+@register_optimizer("adam")
+def _adam(groups: list[dict[str, Any]], s: OptimSettings) -> torch.optim.Optimizer:
+    return torch.optim.Adam(groups, lr=s.lr)
+
+
+@register_optimizer("adamw")
+def _adamw(groups: list[dict[str, Any]], s: OptimSettings) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(groups, lr=s.lr)
+
+
+@register_optimizer("rmsprop")
+def _rmsprop(groups: list[dict[str, Any]], s: OptimSettings) -> torch.optim.Optimizer:
+    return torch.optim.RMSprop(groups, lr=s.lr, momentum=s.momentum, alpha=0.9, eps=1e-3)  # timm's TF-like eps
+
+
+def make_optimizer(groups: list[dict[str, Any]], settings: OptimSettings) -> torch.optim.Optimizer:
+    """groups carry their own lr and weight_decay (see models.param_groups)."""
+    if settings.optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer {settings.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
+    return OPTIMIZERS[settings.optimizer](groups, settings)
+
+
+class LRSchedule:
+    """LR of group i after `step` batches = base_i * warmup(step) * shape(step)."""
+
+    def __init__(
+        self, optimizer: torch.optim.Optimizer, settings: OptimSettings, steps_per_epoch: int, epochs: int, *,
+        maximize: bool = True,
+    ) -> None:  # fmt: skip
+        if settings.schedule not in SCHEDULES:
+            raise ValueError(f"schedule {settings.schedule!r} is not one of {', '.join(SCHEDULES)}")
+        self.optimizer = optimizer
+        self.s = settings
+        self.steps_per_epoch = max(1, steps_per_epoch)
+        self.total = self.steps_per_epoch * max(1, epochs)
+        # one-cycle has its own warm-up phase; for the others warmup is a linear ramp over this many steps
+        self.warmup = 0 if settings.schedule == "onecycle" else int(self.total * settings.warmup_fraction)
+        self.maximize = maximize
+        self.base_lrs = [float(g.get("initial_lr", g["lr"])) for g in optimizer.param_groups]
+        for g, base in zip(optimizer.param_groups, self.base_lrs, strict=True):
+            g["initial_lr"] = base
+        self.step_count = 0
+        self.plateau_factor = 1.0
+        self.plateau_best: float | None = None
+        self.plateau_bad = 0
+        self._apply()
+
+    def factor(self, step: int) -> float:
+        s, epoch = self.s, step // self.steps_per_epoch
+        warm = (step + 1) / (self.warmup + 1) if step < self.warmup else 1.0
+        kind = s.schedule
+        if kind == "constant":
+            shape = 1.0
+        elif kind == "cosine":
+            t = (step - self.warmup) / max(1, self.total - self.warmup)
+            shape = 0.5 * (1.0 + math.cos(math.pi * min(1.0, max(0.0, t))))
+        elif kind == "onecycle":
+            shape = _one_cycle(step / self.total)
+        elif kind == "step":
+            shape = s.gamma ** (epoch // max(1, s.step_size))
+        elif kind == "multistep":
+            shape = s.gamma ** sum(epoch >= m for m in s.milestones)
+        elif kind == "exponential":
+            shape = s.gamma**epoch
+        else:  # plateau
+            shape = self.plateau_factor
+        return warm * shape
+
+    def step(self) -> None:
+        self.step_count += 1
+        self._apply()
+
+    def epoch_end(self, metric: float) -> None:
+        """ReduceLROnPlateau's rule: after `plateau_patience` epochs without improvement, LR *= gamma."""
+        if self.s.schedule != "plateau" or math.isnan(metric):
+            return
+        better = self.plateau_best is None or (
+            metric > self.plateau_best if self.maximize else metric < self.plateau_best
+        )
+        if better:
+            self.plateau_best, self.plateau_bad = metric, 0
+        else:
+            self.plateau_bad += 1
+            if self.plateau_bad >= self.s.plateau_patience:
+                self.plateau_factor *= self.s.gamma
+                self.plateau_bad = 0
+        self._apply()
+
+    def _apply(self) -> None:
+        f = self.factor(self.step_count)
+        for g, base in zip(self.optimizer.param_groups, self.base_lrs, strict=True):
+            g["lr"] = base * f
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "step_count": self.step_count,
+            "plateau_factor": self.plateau_factor,
+            "plateau_best": self.plateau_best,
+            "plateau_bad": self.plateau_bad,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step_count = int(state["step_count"])
+        self.plateau_factor = float(state["plateau_factor"])
+        self.plateau_best = None if state["plateau_best"] is None else float(state["plateau_best"])
+        self.plateau_bad = int(state["plateau_bad"])
+        self._apply()
+
+
+def _one_cycle(t: float, pct_start: float = 0.25, div: float = 25.0, final_div: float = 1e4) -> float:
+    """Smith's one-cycle (as torch's OneCycleLR, cosine phases): base/div -> base -> base/(div*final_div)."""
+    t = min(1.0, max(0.0, t))
+    start, low = 1.0 / div, 1.0 / (div * final_div)
+    if t < pct_start:
+        return start + (1.0 - start) * 0.5 * (1.0 - math.cos(math.pi * t / pct_start))
+    u = (t - pct_start) / (1.0 - pct_start)
+    return low + (1.0 - low) * 0.5 * (1.0 + math.cos(math.pi * u))

@@ -1,0 +1,354 @@
+"""The transfer-learning recipe: data -> model -> stage 1 (head) -> stage 2 (fine-tune) -> test -> summary.
+
+`train(config)` builds the pieces from the config and hands Stages to the engine's Trainer; `resume(run)`
+rebuilds the same pieces from the run folder and continues from checkpoints/last.pt.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch.utils.data import WeightedRandomSampler
+
+from imgtune.checkpoint import CheckpointError, load_checkpoint
+from imgtune.config import Config
+from imgtune.data import (
+    DataError,
+    ImageDataset,
+    Sample,
+    Skipped,
+    Split,
+    decode_many,
+    default_workers,
+    load_split,
+    make_loader,
+    should_cache,
+)
+from imgtune.engine import Stage, Trainer, seed_everything
+from imgtune.features import extract_features, tensor_batches
+from imgtune.metrics import EvalResult
+from imgtune.models import Classifier, create_model, param_groups, set_requires_grad, unfreeze_top
+from imgtune.optim import LRSchedule, make_optimizer
+from imgtune.predict import Predictor, pick_device
+from imgtune.progress import Progress
+from imgtune.runs import RunFolder, new_run_folder
+from imgtune.transforms import BatchMix, augmentation
+
+log = logging.getLogger(__name__)
+
+FEATURE_BATCH = 256  # head-only steps on cached features: bigger batches, same result, less overhead
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    best_epoch: int
+    best_valid_acc: float
+    test: EvalResult | None
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+def amp_dtype_for(precision: str, device: torch.device) -> torch.dtype | None:
+    """auto: bf16 on CUDA GPUs that have it (else fp16 + loss scaling); fp32 on CPUs, where bf16 training
+    measured about 2x slower than fp32 on this project's reference CPU (shared/MEASURED.md)."""
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision == "fp16":
+        return torch.float16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return None
+
+
+def _check_trainable(split: Split) -> None:
+    if len(split.classes) < 2:
+        raise DataError(f"{split.root}: found {len(split.classes)} class(es) {split.classes}; need at least 2")
+    if not split.valid:
+        raise DataError(f"{split.root}: the validation split is empty; add valid/ images or use --valid-fraction")
+
+
+def _class_counts(samples: list[Sample], num_classes: int) -> torch.Tensor:
+    return torch.bincount(torch.tensor([s.label for s in samples], dtype=torch.long), minlength=num_classes)
+
+
+def train(config: Config, progress: Progress | None = None) -> TrainResult:
+    """Two-stage transfer learning (or from-scratch training) as configured; returns the run's outcome."""
+    return _run(config, progress, resume_from=None)
+
+
+def resume(run: Path | str, progress: Progress | None = None) -> TrainResult:
+    """Continue an interrupted run from RUN/checkpoints/last.pt: same epoch, optimizer, schedule, RNG."""
+    folder = RunFolder(Path(run))
+    if not folder.config.is_file():
+        raise CheckpointError(f"{run}: no config.yaml: not an imgtune run folder")
+    config = Config.model_validate(yaml.safe_load(folder.config.read_text()))
+    return _run(config, progress, resume_from=folder)
+
+
+def _run(cfg: Config, progress: Progress | None, resume_from: RunFolder | None) -> TrainResult:
+    started = time.perf_counter()
+    dcfg, tcfg = cfg.data, cfg.train
+    seed_everything(cfg.seed, tcfg.deterministic)
+    device = pick_device(cfg.device)
+    split_file = dcfg.split_file
+    if resume_from is not None and resume_from.split.is_file():
+        split_file = resume_from.split
+    split = load_split(dcfg.path, dcfg.valid_fraction, cfg.seed, split_file)
+    _check_trainable(split)
+    for note in split.notes:
+        log.warning("%s", note)
+    num_classes = len(split.classes)
+    pretrained_start = cfg.model.pretrained or cfg.model.weights is not None
+    model = create_model(
+        cfg.model.name,
+        num_classes,
+        pretrained=cfg.model.pretrained and resume_from is None,
+        weights=cfg.model.weights if resume_from is None else None,
+        dropout=cfg.model.dropout,
+        head=cfg.model.head,
+        head_dropout=cfg.model.head_dropout,
+    )
+    prep = model.preprocessing(dcfg.img_size)
+    last: dict[str, Any] | None = None
+    if resume_from is not None:
+        run = resume_from
+        if run.last.is_file():
+            last = load_checkpoint(run.last)
+            log.info("resuming %s from epoch %d (stage %d)", run.path, last["epoch"], last["stage"])
+        else:
+            log.info("%s has no last.pt yet: starting it again from the beginning", run.path)
+        config = cfg
+    else:
+        run = new_run_folder(cfg.out, dcfg.path)
+        config = cfg.model_copy(update={"out": run.path})
+        run.config.write_text(config.to_yaml())
+        run.write_json(run.classes, split.classes)
+        if split.made_split:
+            split.write_csv(run.split)
+    log.info("run folder: %s", run.path)
+    model.to(device).use_channels_last()
+
+    # Data: decode + resize once into RAM when it fits; unreadable files are reported and left out here.
+    train_samples, valid_samples = split.train, split.valid
+    skipped: list[Skipped] = []
+    train_cache = valid_cache = None
+    if should_cache(dcfg.cache, len(train_samples) + len(valid_samples), dcfg.img_size):
+        t0 = time.perf_counter()
+        train_cache, ok, sk = decode_many([s.path for s in train_samples], prep)
+        train_samples, skipped = [train_samples[i] for i in ok], skipped + sk
+        valid_cache, ok, sk = decode_many([s.path for s in valid_samples], prep)
+        valid_samples, skipped = [valid_samples[i] for i in ok], skipped + sk
+        log.info(
+            "cached %d images at %dx%d in RAM (%.0f MB) in %.1f s",
+            len(train_samples) + len(valid_samples), dcfg.img_size, dcfg.img_size,
+            (train_cache.numel() + valid_cache.numel()) / 1e6, time.perf_counter() - t0,
+        )  # fmt: skip
+    workers = dcfg.workers if dcfg.workers is not None else default_workers(train_cache is not None, device)
+    pin = device.type == "cuda"
+    train_plain = ImageDataset(train_samples, prep, None, train_cache)
+    train_aug = ImageDataset(train_samples, prep, augmentation(dcfg.augment, prep, tcfg.random_erasing), train_cache)
+    valid_ds = ImageDataset(valid_samples, prep, None, valid_cache)
+    eval_batch = max(64, dcfg.batch_size)
+    valid_loader = make_loader(valid_ds, eval_batch, shuffle=False, workers=workers, pin_memory=pin)
+
+    counts = _class_counts(train_samples, num_classes)
+    class_weights = None
+    if tcfg.balance == "weights":  # inverse frequency, mean weight 1 over the samples
+        class_weights = counts.sum() / (num_classes * counts.clamp(min=1).float())
+    generator = torch.Generator().manual_seed(cfg.seed)
+
+    def image_loader() -> Any:
+        sampler = None
+        if tcfg.balance == "sampler":  # each class drawn equally often, with replacement
+            weights = (1.0 / counts.clamp(min=1).float())[torch.tensor([s.label for s in train_samples])]
+            sampler = WeightedRandomSampler(weights.tolist(), len(train_samples), replacement=True, generator=generator)
+        return make_loader(
+            train_aug, dcfg.batch_size, shuffle=sampler is None, workers=workers, generator=generator,
+            sampler=sampler, pin_memory=pin, drop_last=len(train_aug) > dcfg.batch_size,
+        )  # fmt: skip
+
+    tensorboard = None
+    if tcfg.tensorboard:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as e:
+            raise DataError("--tensorboard needs the tensorboard package: pip install tensorboard") from e
+        tensorboard = SummaryWriter(str(run.path / "tensorboard"))
+
+    checkpoint_base = {
+        "arch": dict(model.arch),
+        "classes": list(split.classes),
+        "preprocessing": prep.to_dict(),
+        "config": config.to_plain(),
+    }
+    trainer = Trainer(
+        model, run, checkpoint_base, device=device, num_classes=num_classes,
+        label_smoothing=tcfg.label_smoothing, class_weights=class_weights, grad_clip=tcfg.grad_clip,
+        grad_clip_mode=tcfg.grad_clip_mode, accumulate=tcfg.accumulate,
+        amp_dtype=amp_dtype_for(tcfg.precision, device), monitor=tcfg.monitor, progress=progress,
+        tensorboard=tensorboard,
+    )  # fmt: skip
+    resume_stage = int(last["stage"]) if last is not None else 0
+
+    # ---- stage 1: the head alone, backbone frozen
+    if tcfg.epochs_frozen > 0 and pretrained_start and resume_stage <= 1:
+        stage1 = _head_stage(model, train_plain, valid_loader, image_loader, cfg, workers, device)
+        if last is not None and resume_stage == 1:
+            trainer.restore(last["train_state"], stage1, last["state_dict"])
+        trainer.run_stage(stage1)
+    elif tcfg.epochs_frozen > 0 and not pretrained_start:
+        log.info("training from scratch: no frozen-backbone stage (a random backbone has nothing to keep)")
+
+    # ---- stage 2: fine-tune the backbone (all of it, or its top blocks)
+    if tcfg.epochs > 0:
+        unfreeze_top(model, tcfg.unfreeze)
+        frozen = tcfg.bn == "frozen" or (tcfg.bn == "auto" and pretrained_start)
+        model.bn_policy = "frozen" if frozen else "trainable"
+        s = tcfg.optim_settings(2, pretrained_start)
+        backbone_lr = s.lr * tcfg.backbone_lr_scale if pretrained_start else s.lr
+        opt = make_optimizer(param_groups(model, s.lr, backbone_lr, s.weight_decay, tcfg.lr_decay), s)
+        loader = image_loader()
+        batches = len(loader)
+        ema = None
+        if tcfg.ema is not None:
+            from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+            ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(tcfg.ema), use_buffers=True)
+        mixing = tcfg.mixup > 0 or tcfg.cutmix > 0
+        lr_text = f"layer-wise decay {tcfg.lr_decay}" if tcfg.lr_decay else f"backbone LR {backbone_lr:g}"
+        stage2 = Stage(
+            number=2,
+            description=(
+                f"stage 2: {'top ' + str(tcfg.unfreeze) + ' blocks' if tcfg.unfreeze else 'all layers'}, "
+                f"{tcfg.epochs} epochs, {s.optimizer}, {s.schedule}, head LR {s.lr:g}, {lr_text}, "
+                f"BatchNorm statistics {'frozen' if frozen else 'updated'}, "
+                f"{len(train_aug)} train images, batch {dcfg.batch_size}"
+                + (f" x {tcfg.accumulate} accumulated" if tcfg.accumulate > 1 else "")
+            ),
+            module=model,
+            train_batches=lambda: loader,
+            valid_batches=lambda: valid_loader,
+            batches_per_epoch=batches,
+            epochs=tcfg.epochs,
+            optimizer=opt,
+            scheduler=LRSchedule(opt, s, math.ceil(batches / tcfg.accumulate), tcfg.epochs, maximize=_maximize(cfg)),
+            cheap_epochs=False,
+            patience=tcfg.patience,
+            generator=generator,
+            batch_transform=BatchMix(num_classes, tcfg.mixup, tcfg.cutmix) if mixing else None,
+            ema=ema,
+        )
+        if last is not None and resume_stage == 2:
+            trainer.restore(last["train_state"], stage2, last["state_dict"])
+        trainer.run_stage(stage2)
+    if tensorboard is not None:
+        tensorboard.close()
+
+    best = load_checkpoint(run.best)
+    model.load_state_dict(best["state_dict"])
+    test = None
+    if split.test_labelled:
+        predictor = Predictor(model, prep, split.classes, device)
+        pairs = [(x.path, split.classes[x.label]) for x in split.test]
+        test = predictor.evaluate(pairs, "test", eval_batch, workers)
+        log.info("test accuracy of the best checkpoint: %.4f (%d images)", test.accuracy, test.n)
+    st = trainer.state
+    summary = {
+        "best_epoch": st.best_epoch,
+        "best_valid_acc": st.best_acc,
+        "monitor": tcfg.monitor,
+        "best_score": st.best_score,
+        "epochs_run": st.epoch,
+        "stopped_early": st.stopped_early,
+        "skipped_steps": st.skipped_steps,
+        "classes": num_classes,
+        "train_images": len(train_samples),
+        "valid_images": len(valid_samples),
+        "skipped_files": [vars(x) for x in skipped],
+        "wall_seconds": round(time.perf_counter() - started, 2),
+        "device": str(device),
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+    }
+    if test is not None:
+        summary.update(
+            {"test_acc": test.accuracy, "test_top5": test.top5, "test_loss": test.loss, "test_images": test.n}
+        )
+    run.write_json(run.summary, summary)
+    return TrainResult(run.path, st.best_epoch, st.best_acc, test, summary)
+
+
+def _maximize(cfg: Config) -> bool:
+    return cfg.train.monitor != "valid_loss"
+
+
+def _head_stage(
+    model: Classifier,
+    train_plain: ImageDataset,
+    valid_loader: Any,
+    image_loader: Any,
+    cfg: Config,
+    workers: int,
+    device: torch.device,
+) -> Stage:
+    """Stage 1: backbone frozen, head trained. With frozen BatchNorm statistics (the default) the backbone's
+    output never changes, so its features are computed once and the head trains on them; with
+    `bn_frozen_stage: train` the statistics adapt, so the stage runs on augmented images, epoch by epoch."""
+    tcfg = cfg.train
+    set_requires_grad(model.backbone, False)
+    s = tcfg.optim_settings(1, True)
+    opt = make_optimizer(param_groups(model, s.lr, s.lr, s.weight_decay), s)
+    description = f"stage 1: head only, {tcfg.epochs_frozen} epochs, {s.optimizer}, {s.schedule}, LR {s.lr:g}"
+    common: dict[str, Any] = {"number": 1, "optimizer": opt, "epochs": tcfg.epochs_frozen, "patience": None}
+    if tcfg.bn_frozen_stage == "train":
+        model.bn_policy = "update"  # running statistics adapt although the weights are frozen
+        loader = image_loader()
+        batches = len(loader)
+        return Stage(
+            description=description + ", on images (BatchNorm statistics updating)",
+            module=model,
+            train_batches=lambda: loader,
+            valid_batches=lambda: valid_loader,
+            batches_per_epoch=batches,
+            scheduler=LRSchedule(opt, s, batches, tcfg.epochs_frozen, maximize=_maximize(cfg)),
+            cheap_epochs=False,
+            **common,
+        )
+    model.bn_policy = "frozen"
+    t0 = time.perf_counter()
+    batch = max(64, cfg.data.batch_size)
+    if train_plain.cache is not None:
+        labels = torch.tensor([x.label for x in train_plain.samples])
+        train_batches: Any = tensor_batches(train_plain.cache, labels, batch, shuffle=False)
+    else:
+        train_batches = make_loader(train_plain, batch, shuffle=False, workers=workers)
+    f_train, y_train = extract_features(model, train_batches, device)
+    f_valid, y_valid = extract_features(model, valid_loader, device)
+    seconds = time.perf_counter() - t0
+    log.info(
+        "stage 1: backbone features for %d images in %.1f s (%.0f images/s)",
+        len(f_train) + len(f_valid), seconds, (len(f_train) + len(f_valid)) / max(seconds, 1e-9),
+    )  # fmt: skip
+    steps = math.ceil(len(f_train) / FEATURE_BATCH)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    return Stage(
+        description=description + " on cached features",
+        module=model.head,
+        train_batches=lambda: tensor_batches(f_train, y_train, FEATURE_BATCH, shuffle=True, generator=generator),
+        valid_batches=lambda: tensor_batches(f_valid, y_valid, 4096, shuffle=False),
+        batches_per_epoch=steps,
+        scheduler=LRSchedule(opt, s, steps, tcfg.epochs_frozen, maximize=_maximize(cfg)),
+        cheap_epochs=True,
+        generator=generator,
+        **common,
+    )
