@@ -344,6 +344,13 @@ def collate_skip(batch: list[tuple[torch.Tensor, int] | None]) -> tuple[torch.Te
     return torch.stack([b[0] for b in items]), torch.tensor([b[1] for b in items], dtype=torch.long)
 
 
+def balanced_sampler(labels: Sequence[int], generator: torch.Generator) -> torch.utils.data.WeightedRandomSampler:
+    """Draws every class equally often (with replacement): each sample weighted by 1 / its class count."""
+    t = torch.tensor(list(labels), dtype=torch.long)
+    weights = (1.0 / torch.bincount(t).clamp(min=1).double())[t]
+    return torch.utils.data.WeightedRandomSampler(weights.tolist(), len(t), replacement=True, generator=generator)
+
+
 def available_memory() -> int:
     try:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")

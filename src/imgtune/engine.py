@@ -113,6 +113,7 @@ class TrainerState:
     bad_epochs: int = 0
     stopped_early: bool = False
     skipped_steps: int = 0
+    lr_log: list[list[float]] = field(default_factory=list)  # [global optimizer step, stage, head LR]
 
 
 def _macro_scores(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> tuple[float, float]:
@@ -229,8 +230,10 @@ class Trainer:
                 self.scaler.scale(loss / self.accumulate).backward()
                 pending += 1
                 if pending == self.accumulate or i + 1 >= stage.batches_per_epoch:
-                    lr_sum += opt.param_groups[-1]["lr"]  # the head's LR (last group): what this step used
+                    lr = opt.param_groups[-1]["lr"]  # the head's LR (last group): what this step used
+                    lr_sum += lr
                     steps += 1
+                    self.state.lr_log.append([len(self.state.lr_log) + 1, stage.number, lr])
                     self._optimizer_step(stage)
                     pending = 0
                 n = len(hard)
@@ -319,6 +322,7 @@ class Trainer:
             }
             st.rows.append(row)
             self.run.write_metrics(st.rows)
+            self.run.write_lr_log(st.lr_log)
             self._log_tensorboard(row)
             if stage_task is not None:
                 stage_task.advance(train_acc=train.acc, valid_acc=valid.acc)
@@ -415,3 +419,4 @@ class Trainer:
             stage.ema.n_averaged.copy_(train_state["ema_n_averaged"])
         set_rng_state(train_state["rng"], stage.generator)
         self.run.write_metrics(self.state.rows)  # drop rows written after this checkpoint
+        self.run.write_lr_log(self.state.lr_log)

@@ -16,7 +16,6 @@ from typing import Any
 
 import torch
 import yaml
-from torch.utils.data import WeightedRandomSampler
 
 from imgtune.checkpoint import CheckpointError, load_checkpoint
 from imgtune.config import Config
@@ -26,6 +25,7 @@ from imgtune.data import (
     Sample,
     Skipped,
     Split,
+    balanced_sampler,
     decode_many,
     default_workers,
     load_split,
@@ -169,9 +169,8 @@ def _run(cfg: Config, progress: Progress | None, resume_from: RunFolder | None) 
 
     def image_loader() -> Any:
         sampler = None
-        if tcfg.balance == "sampler":  # each class drawn equally often, with replacement
-            weights = (1.0 / counts.clamp(min=1).float())[torch.tensor([s.label for s in train_samples])]
-            sampler = WeightedRandomSampler(weights.tolist(), len(train_samples), replacement=True, generator=generator)
+        if tcfg.balance == "sampler":
+            sampler = balanced_sampler([x.label for x in train_samples], generator)
         return make_loader(
             train_aug, dcfg.batch_size, shuffle=sampler is None, workers=workers, generator=generator,
             sampler=sampler, pin_memory=pin, drop_last=len(train_aug) > dcfg.batch_size,

@@ -52,6 +52,10 @@ class RunFolder:
         return self.path / "metrics.csv"
 
     @property
+    def lr_log(self) -> Path:
+        return self.path / "lr.csv"
+
+    @property
     def summary(self) -> Path:
         return self.path / "summary.json"
 
@@ -74,6 +78,11 @@ class RunFolder:
         for row in rows:
             writer.writerow({k: _fmt(row.get(k, "")) for k in METRIC_COLUMNS})
         atomic_write_text(self.metrics, buf.getvalue())
+
+    def write_lr_log(self, steps: list[list[float]]) -> None:
+        """lr.csv: step,stage,lr — the head's learning rate at every optimizer step."""
+        lines = ["step,stage,lr"] + [f"{int(n)},{int(st)},{lr:.8g}" for n, st, lr in steps]
+        atomic_write_text(self.lr_log, "\n".join(lines) + "\n")
 
 
 def _fmt(value: Any) -> Any:

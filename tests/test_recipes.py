@@ -1,0 +1,212 @@
+"""Training options run for real on a small image folder; the LR actually follows each schedule."""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import math
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+import imgtune
+from conftest import write_class_folders
+from imgtune.optim import OPTIMIZERS, SCHEDULES, LRSchedule, OptimSettings
+
+BASE = {"data.img_size": 32, "data.batch_size": 8, "train.patience": None, "data.augment": "light"}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("recipes") / "ds"
+    write_class_folders(root / "train", 8, seed=1)  # 24 images = 3 batches of 8
+    write_class_folders(root / "valid", 3, seed=2)
+    return root
+
+
+def _train(data: Path, out: Path, **overrides: object) -> imgtune.TrainResult:
+    cfg = imgtune.build_config(overrides={"data.path": data, "out": out, **BASE, **overrides})
+    return imgtune.train(cfg)
+
+
+def _lrs(run: Path, stage: int = 2) -> list[float]:
+    return [float(r["lr"]) for r in csv.DictReader((run / "lr.csv").open()) if r["stage"] == str(stage)]
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_lr_follows_the_schedule(data: Path, tmp_path: Path, schedule: str) -> None:
+    result = _train(
+        data, tmp_path / "run", **{
+            "train.epochs_frozen": 0, "train.epochs": 4, "train.schedule": schedule, "train.warmup_fraction": 0.0,
+            "train.step_size": 2, "train.milestones": [1, 3], "train.gamma": 0.5,
+        },
+    )  # fmt: skip
+    lrs = _lrs(result.run_dir)
+    base = 1e-3 * 0.5  # stage-2 head LR from a pretrained start
+    assert len(lrs) == 12  # 4 epochs x 3 optimizer steps
+    epochs = [k // 3 for k in range(12)]
+    expected = {
+        "constant": [base] * 12,
+        "cosine": [base * 0.5 * (1 + math.cos(math.pi * k / 12)) for k in range(12)],
+        "step": [base * 0.5 ** (e // 2) for e in epochs],
+        "multistep": [base * 0.5 ** sum(e >= m for m in (1, 3)) for e in epochs],
+        "exponential": [base * 0.5**e for e in epochs],
+    }
+    if schedule in expected:
+        assert lrs == pytest.approx(expected[schedule], rel=1e-5)
+    elif schedule == "onecycle":
+        assert lrs[0] == pytest.approx(base / 25, rel=1e-3)
+        assert max(lrs) == pytest.approx(base, rel=0.1) and lrs.index(max(lrs)) in (2, 3, 4)
+        assert lrs[-1] < base / 20
+    else:  # plateau: only ever the base LR times powers of gamma, never increasing
+        assert all(any(abs(lr - base * 0.5**k) < 1e-12 for k in range(5)) for lr in lrs)
+        assert all(b <= a for a, b in itertools.pairwise(lrs))
+
+
+def test_warmup_ramps_linearly_then_schedule(data: Path, tmp_path: Path) -> None:
+    result = _train(
+        data, tmp_path / "run", **{"train.epochs_frozen": 0, "train.epochs": 4, "train.warmup_fraction": 0.25}
+    )
+    lrs, base = _lrs(result.run_dir), 5e-4
+    assert lrs[:3] == pytest.approx([base * k / 4 for k in (1, 2, 3)], rel=1e-5)  # 3 warmup steps
+    assert lrs[3] == pytest.approx(base, rel=1e-5) and lrs[-1] < lrs[4]
+
+
+def test_plateau_decays_after_patience_without_improvement() -> None:
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = LRSchedule(opt, OptimSettings(schedule="plateau", plateau_patience=2, gamma=0.1, warmup_fraction=0), 1, 10)
+    for metric, lr in [(0.5, 1.0), (0.6, 1.0), (0.6, 1.0), (0.55, 0.1), (0.7, 0.1), (0.7, 0.1), (0.7, 0.01)]:
+        sched.epoch_end(metric)
+        assert opt.param_groups[0]["lr"] == pytest.approx(lr)
+    state = sched.state_dict()
+    other = LRSchedule(opt, OptimSettings(schedule="plateau"), 1, 10)
+    other.load_state_dict(state)
+    assert other.plateau_factor == pytest.approx(0.01)
+
+
+@pytest.mark.parametrize("optimizer", sorted(OPTIMIZERS))
+def test_each_optimizer_trains_and_skips_decay_on_norms_and_biases(data: Path, tmp_path: Path, optimizer: str) -> None:
+    result = _train(
+        data, tmp_path / "run", **{"train.epochs_frozen": 2, "train.epochs": 1, "train.optimizer": optimizer}
+    )
+    last = torch.load(result.run_dir / "checkpoints" / "last.pt", weights_only=True)
+    groups = last["train_state"]["optimizer"]["param_groups"]
+    marker = {"sgd": "nesterov", "rmsprop": "alpha", "adam": "amsgrad", "adamw": "amsgrad"}[optimizer]
+    assert all(marker in g for g in groups)
+    assert {g["weight_decay"] for g in groups} == {0.0, 0.01}  # 1-D tensors (biases, norms) get no decay
+    assert math.isfinite(result.best_valid_acc)
+
+
+def test_stage_overrides_give_each_stage_its_own_optimizer_and_schedule(data: Path, tmp_path: Path) -> None:
+    result = _train(
+        data, tmp_path / "run", **{
+            "train.epochs_frozen": 2, "train.epochs": 2, "train.stage1.schedule": "constant",
+            "train.stage2.optimizer": "sgd", "train.stage2.lr": 0.01, "train.stage2.schedule": "step",
+            "train.stage2.step_size": 1, "train.stage2.gamma": 0.5, "train.warmup_fraction": 0.0,
+        },
+    )  # fmt: skip
+    assert set(_lrs(result.run_dir, 1)) == {1e-3}
+    assert _lrs(result.run_dir, 2) == pytest.approx([0.01] * 3 + [0.005] * 3)
+    last = torch.load(result.run_dir / "checkpoints" / "last.pt", weights_only=True)
+    assert all("nesterov" in g for g in last["train_state"]["optimizer"]["param_groups"])
+
+
+@pytest.mark.parametrize("head", [[], [16], [24, 12]])
+def test_heads(data: Path, tmp_path: Path, head: list[int]) -> None:
+    result = _train(data, tmp_path / "run", **{"model.head": head, "train.epochs_frozen": 3, "train.epochs": 0})
+    predictor = imgtune.load(result.run_dir)
+    linears = [m for m in predictor.model.head if isinstance(m, torch.nn.Linear)]
+    assert [m.out_features for m in linears] == [*head, 3]
+    assert linears[0].in_features == 1280
+    rows, _ = predictor.predict([data / "valid" / "red" / "0.png"])
+    assert rows[0].label in {"red", "green", "blue"}
+
+
+@pytest.mark.parametrize("balance", ["none", "sampler", "weights"])
+def test_balance_options(tmp_path: Path, balance: str) -> None:
+    root = tmp_path / "imb"
+    write_class_folders(root / "train", 3, seed=1, classes={"a": (200, 0, 0)})
+    write_class_folders(root / "train", 15, seed=2, classes={"b": (0, 0, 200)})
+    write_class_folders(root / "valid", 3, seed=3, classes={"a": (200, 0, 0), "b": (0, 0, 200)})
+    result = _train(root, tmp_path / "run", **{"train.balance": balance, "train.epochs_frozen": 2, "train.epochs": 1})
+    assert result.best_valid_acc > 0
+
+
+def test_class_balanced_sampler_draws_classes_equally() -> None:
+    from imgtune.data import balanced_sampler
+
+    labels = [0] * 10 + [1] * 90
+    sampler = balanced_sampler(labels, torch.Generator().manual_seed(0))
+    drawn = Counter(labels[i] for _ in range(20) for i in sampler)
+    assert 0.45 < drawn[0] / sum(drawn.values()) < 0.55
+
+
+def test_unfreeze_top_blocks_and_layerwise_decay() -> None:
+    from imgtune.models import backbone_groups, param_groups, unfreeze_top
+
+    model = imgtune.create_model("tf_efficientnet_lite0", num_classes=3, pretrained=False)
+    blocks = backbone_groups(model.backbone)
+    unfreeze_top(model, 2)
+    trainable = [any(p.requires_grad for p in b) for b in blocks]
+    assert trainable == [False] * (len(blocks) - 2) + [True, True]
+    groups = param_groups(model, head_lr=1.0, backbone_lr=0.1, weight_decay=0.01, lr_decay=0.5)
+    assert sorted({g["lr"] for g in groups}) == [0.25, 0.5, 1.0]  # top block 0.5, the next 0.25, head 1.0
+    unfreeze_top(model, None)
+    groups = param_groups(model, head_lr=1.0, backbone_lr=0.1, weight_decay=0.01, lr_decay=0.5)
+    assert min(g["lr"] for g in groups) == pytest.approx(0.5 ** len(blocks))  # the stem
+
+
+def test_regularisers_ema_mixup_accumulation_clipping(data: Path, tmp_path: Path) -> None:
+    result = _train(
+        data, tmp_path / "run", **{
+            "train.epochs_frozen": 2, "train.epochs": 2, "train.ema": 0.9, "train.mixup": 0.5, "train.cutmix": 0.5,
+            "train.random_erasing": 0.5, "train.accumulate": 2, "train.grad_clip": 0.1, "train.grad_clip_mode": "value",
+            "train.unfreeze": 3, "train.lr_decay": 0.7, "train.monitor": "macro_f1",
+        },
+    )  # fmt: skip
+    rows = [r for r in csv.DictReader((result.run_dir / "metrics.csv").open()) if r["stage"] == "2"]
+    assert all(r["raw_valid_acc"] != "" for r in rows)  # the raw weights are evaluated alongside the EMA
+    assert len(_lrs(result.run_dir)) == 4  # 3 batches per epoch, 2 accumulated per step -> 2 steps per epoch
+    last = torch.load(result.run_dir / "checkpoints" / "last.pt", weights_only=True)
+    ema_w, raw_w = last["state_dict"]["head.1.weight"], last["train_state"]["raw_state_dict"]["head.1.weight"]
+    assert not torch.equal(ema_w, raw_w)
+
+
+def test_batch_mix_returns_soft_targets() -> None:
+    from imgtune.transforms import BatchMix
+
+    x = torch.randint(0, 255, (6, 3, 16, 16), dtype=torch.uint8)
+    y = torch.tensor([0, 1, 2, 0, 1, 2])
+    for mixup, cutmix in ((1.0, 0.0), (0.0, 1.0), (0.0, 0.0)):
+        xm, ym = BatchMix(3, mixup, cutmix)(x, y)
+        assert xm.dtype == torch.float32 and float(xm.min()) >= 0 and float(xm.max()) <= 1
+        assert ym.shape == (6, 3) and torch.allclose(ym.sum(1), torch.ones(6))
+
+
+def test_non_finite_loss_under_autocast_falls_back_to_fp32(tmp_path: Path) -> None:
+    from imgtune.engine import Stage, Trainer
+    from imgtune.runs import RunFolder
+
+    class Flaky(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 2)
+            self.calls = 0
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            self.calls += 1
+            out = self.lin(x)
+            return out * float("nan") if self.calls == 1 else out
+
+    module = Flaky()
+    opt = torch.optim.SGD(module.parameters(), lr=0.1)
+    batches = [(torch.randn(4, 4), torch.tensor([0, 1, 0, 1]))] * 3
+    stage = Stage(1, "t", module, lambda: batches, lambda: batches, 3, 1, opt, LRSchedule(opt, OptimSettings(), 3, 1),
+                  cheap_epochs=True, patience=None)  # fmt: skip
+    trainer = Trainer(module, RunFolder(tmp_path), {}, device=torch.device("cpu"), num_classes=2,
+                      amp_dtype=torch.bfloat16)  # fmt: skip
+    trainer.train_epoch(stage)
+    assert trainer.amp_dtype is None and trainer.state.skipped_steps == 1
+    assert all(torch.isfinite(p).all() for p in module.parameters())
