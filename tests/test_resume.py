@@ -1,0 +1,98 @@
+"""Exact resume after SIGKILL, and same seed -> same metrics.csv, with real processes and real checkpoints."""
+
+from __future__ import annotations
+
+import csv
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import write_class_folders
+
+TIMING = {"seconds", "images_per_s"}  # wall-clock columns differ between runs by nature
+
+
+def _args(data: Path, out: Path) -> list[str]:
+    return [
+        sys.executable, "-m", "imgtune", "train", str(data), "--out", str(out), "--img-size", "32",
+        "--batch-size", "8", "--epochs-frozen", "3", "--epochs", "4", "--deterministic", "--patience", "10",
+        "--augment", "standard", "--mixup", "0.3", "--ema", "0.9", "--seed", "7",
+    ]  # fmt: skip
+
+
+def _rows(run: Path) -> list[dict[str, str]]:
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in csv.DictReader((run / "metrics.csv").open())]
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    state: dict[str, torch.Tensor] = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+    return state
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("resume") / "ds"
+    write_class_folders(root / "train", 16, seed=1)  # 48 images: 6 batches per epoch
+    write_class_folders(root / "valid", 4, seed=2)
+    return root
+
+
+@pytest.fixture(scope="module")
+def reference(data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("ref") / "run"
+    subprocess.run(_args(data, out), check=True, capture_output=True, timeout=600)
+    return out
+
+
+@pytest.mark.slow
+def test_same_seed_gives_the_same_metrics(data: Path, reference: Path, tmp_path: Path) -> None:
+    subprocess.run(_args(data, tmp_path / "again"), check=True, capture_output=True, timeout=600)
+    assert _rows(tmp_path / "again") == _rows(reference)
+    for a, b in zip(_weights(reference / "checkpoints" / "last.pt").values(),
+                    _weights(tmp_path / "again" / "checkpoints" / "last.pt").values(), strict=True):  # fmt: skip
+        assert torch.equal(a, b)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kill_after_rows", [4, 5])  # during stage 2's first and second epoch
+def test_sigkill_mid_epoch_then_resume_equals_an_uninterrupted_run(
+    data: Path, reference: Path, tmp_path: Path, kill_after_rows: int
+) -> None:
+    out = tmp_path / "run"
+    proc = subprocess.Popen(_args(data, out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    try:
+        while time.monotonic() < deadline:
+            metrics = out / "metrics.csv"
+            if metrics.is_file() and len(metrics.read_text().splitlines()) - 1 >= kill_after_rows:
+                break
+            if proc.poll() is not None:
+                pytest.fail("training ended before it could be interrupted")
+            time.sleep(0.02)
+        time.sleep(random.Random(kill_after_rows).uniform(0.05, 0.3))  # somewhere inside the next epoch
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL
+    interrupted = len(_rows(out))
+    assert interrupted < len(_rows(reference))  # it really stopped early
+    res = subprocess.run(
+        [sys.executable, "-m", "imgtune", "train", "--resume", str(out)], capture_output=True, text=True, timeout=600
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "resuming" in res.stderr
+    assert _rows(out) == _rows(reference)  # no duplicated, missing or different rows
+    for name in ("last.pt", "best.pt"):
+        ref, got = _weights(reference / "checkpoints" / name), _weights(out / "checkpoints" / name)
+        assert ref.keys() == got.keys()
+        assert all(torch.equal(ref[k], got[k]) for k in ref), name
+    assert (out / "lr.csv").read_text() == (reference / "lr.csv").read_text()
