@@ -275,6 +275,40 @@ def train(
     _report(run_train(cfg, progress=auto_progress()))
 
 
+@app.command("lr-find")
+def lr_find(
+    data: Annotated[Path, typer.Argument(help="Dataset folder.")],
+    stage: Annotated[int, typer.Option(help="1: head on frozen features; 2: all layers, after training the head.")] = 1,
+    steps: Annotated[int, typer.Option(help="Batches in the range test.")] = 200,
+    out: Annotated[Path, typer.Option(help="Plot to write (a .csv of the curve goes beside it).")] = Path(
+        "lr_find.png"
+    ),
+    config: Annotated[Path | None, typer.Option("--config", help="YAML config, as for train.")] = None,
+    model: Annotated[str | None, typer.Option(help="timm model name [tf_efficientnet_lite0].")] = None,
+    img_size: Annotated[int | None, typer.Option(help="Input size in pixels [224].")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Batch size [32].")] = None,
+    optimizer: Annotated[Optimizer | None, typer.Option(help="Optimizer [adamw].")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Any config key, as for train.")] = None,
+) -> None:
+    """LR range test: plot loss against an exponentially rising LR and print a suggested LR."""
+    if stage not in (1, 2):
+        _fail(f"--stage {stage}: choose 1 or 2")
+    from imgtune.lrfind import find_lr
+
+    overrides = {
+        "data.path": data,
+        "model.name": model,
+        "data.img_size": img_size,
+        "data.batch_size": batch_size,
+        "train.optimizer": optimizer,
+        **_parse_sets(set_),
+    }
+    result = find_lr(build_config(config, overrides), stage=stage, steps=steps, out=out)
+    typer.echo(f"suggested LR for stage {stage}: {result.suggestion:.3g}")
+    typer.echo(f"rule: {result.rule}; loss minimum {min(result.losses):.4f} over {len(result.lrs)} batches")
+    typer.echo(f"plot: {out}  curve: {out.with_suffix('.csv')}")
+
+
 def _float(text: str, flag: str) -> float:
     try:
         return float(text)

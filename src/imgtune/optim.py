@@ -140,6 +140,13 @@ class LRSchedule:
                 self.plateau_bad = 0
         self._apply()
 
+    def rescale(self, factor: float) -> None:
+        """Multiply every group's base LR (the LR finder's suggestion replaces the configured LR)."""
+        self.base_lrs = [b * factor for b in self.base_lrs]
+        for g, base in zip(self.optimizer.param_groups, self.base_lrs, strict=True):
+            g["initial_lr"] = base
+        self._apply()
+
     def _apply(self) -> None:
         f = self.factor(self.step_count)
         for g, base in zip(self.optimizer.param_groups, self.base_lrs, strict=True):
@@ -147,6 +154,7 @@ class LRSchedule:
 
     def state_dict(self) -> dict[str, Any]:
         return {
+            "base_lrs": list(self.base_lrs),
             "step_count": self.step_count,
             "plateau_factor": self.plateau_factor,
             "plateau_best": self.plateau_best,
@@ -154,6 +162,7 @@ class LRSchedule:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.base_lrs = [float(b) for b in state.get("base_lrs", self.base_lrs)]
         self.step_count = int(state["step_count"])
         self.plateau_factor = float(state["plateau_factor"])
         self.plateau_best = None if state["plateau_best"] is None else float(state["plateau_best"])

@@ -40,7 +40,7 @@ from imgtune.optim import LRSchedule, make_optimizer
 from imgtune.predict import Predictor, pick_device
 from imgtune.progress import Progress
 from imgtune.runs import RunFolder, new_run_folder
-from imgtune.transforms import BatchMix, augmentation
+from imgtune.transforms import BatchMix, Preprocessing, augmentation
 
 log = logging.getLogger(__name__)
 
@@ -95,47 +95,80 @@ def resume(run: Path | str, progress: Progress | None = None) -> TrainResult:
     return _run(config, progress, resume_from=folder)
 
 
-def _run(cfg: Config, progress: Progress | None, resume_from: RunFolder | None) -> TrainResult:
-    started = time.perf_counter()
+@dataclass
+class Workbench:
+    """Everything a run trains with, built once from the config: data, caches, loaders, model, stages."""
+
+    cfg: Config
+    device: torch.device
+    split: Split
+    model: Classifier
+    prep: Preprocessing
+    pretrained_start: bool
+    train_samples: list[Sample]
+    valid_samples: list[Sample]
+    skipped: list[Skipped]
+    train_plain: ImageDataset
+    train_aug: ImageDataset
+    valid_loader: Any
+    workers: int
+    generator: torch.Generator
+    class_weights: torch.Tensor | None
+    eval_batch: int
+
+    def image_loader(self) -> Any:
+        dcfg = self.cfg.data
+        sampler = None
+        if self.cfg.train.balance == "sampler":
+            sampler = balanced_sampler([x.label for x in self.train_samples], self.generator)
+        return make_loader(
+            self.train_aug, dcfg.batch_size, shuffle=sampler is None, workers=self.workers, generator=self.generator,
+            sampler=sampler, pin_memory=self.device.type == "cuda", drop_last=len(self.train_aug) > dcfg.batch_size,
+        )  # fmt: skip
+
+    def trainer(self, run: RunFolder, progress: Progress | None = None, tensorboard: Any = None) -> Trainer:
+        tcfg = self.cfg.train
+        checkpoint_base = {
+            "arch": dict(self.model.arch),
+            "classes": list(self.split.classes),
+            "preprocessing": self.prep.to_dict(),
+            "config": self.cfg.to_plain(),
+        }
+        return Trainer(
+            self.model, run, checkpoint_base, device=self.device, num_classes=len(self.split.classes),
+            label_smoothing=tcfg.label_smoothing, class_weights=self.class_weights, grad_clip=tcfg.grad_clip,
+            grad_clip_mode=tcfg.grad_clip_mode, accumulate=tcfg.accumulate,
+            amp_dtype=amp_dtype_for(tcfg.precision, self.device), monitor=tcfg.monitor, progress=progress,
+            tensorboard=tensorboard,
+        )  # fmt: skip
+
+    def head_stage(self) -> Stage:
+        return _head_stage(self)
+
+    def finetune_stage(self) -> Stage:
+        return _finetune_stage(self)
+
+
+def prepare(cfg: Config, *, load_pretrained: bool = True, split_file: Path | None = None) -> Workbench:
+    """Split, model and data, ready to train. load_pretrained=False when weights come from a checkpoint."""
     dcfg, tcfg = cfg.data, cfg.train
     seed_everything(cfg.seed, tcfg.deterministic)
     device = pick_device(cfg.device)
-    split_file = dcfg.split_file
-    if resume_from is not None and resume_from.split.is_file():
-        split_file = resume_from.split
-    split = load_split(dcfg.path, dcfg.valid_fraction, cfg.seed, split_file)
+    split = load_split(dcfg.path, dcfg.valid_fraction, cfg.seed, split_file or dcfg.split_file)
     _check_trainable(split)
     for note in split.notes:
         log.warning("%s", note)
     num_classes = len(split.classes)
-    pretrained_start = cfg.model.pretrained or cfg.model.weights is not None
     model = create_model(
         cfg.model.name,
         num_classes,
-        pretrained=cfg.model.pretrained and resume_from is None,
-        weights=cfg.model.weights if resume_from is None else None,
+        pretrained=cfg.model.pretrained and load_pretrained,
+        weights=cfg.model.weights if load_pretrained else None,
         dropout=cfg.model.dropout,
         head=cfg.model.head,
         head_dropout=cfg.model.head_dropout,
     )
     prep = model.preprocessing(dcfg.img_size)
-    last: dict[str, Any] | None = None
-    if resume_from is not None:
-        run = resume_from
-        if run.last.is_file():
-            last = load_checkpoint(run.last)
-            log.info("resuming %s from epoch %d (stage %d)", run.path, last["epoch"], last["stage"])
-        else:
-            log.info("%s has no last.pt yet: starting it again from the beginning", run.path)
-        config = cfg
-    else:
-        run = new_run_folder(cfg.out, dcfg.path)
-        config = cfg.model_copy(update={"out": run.path})
-        run.config.write_text(config.to_yaml())
-        run.write_json(run.classes, split.classes)
-        if split.made_split:
-            split.write_csv(run.split)
-    log.info("run folder: %s", run.path)
     model.to(device).use_channels_last()
 
     # Data: decode + resize once into RAM when it fits; unreadable files are reported and left out here.
@@ -154,27 +187,55 @@ def _run(cfg: Config, progress: Progress | None, resume_from: RunFolder | None) 
             (train_cache.numel() + valid_cache.numel()) / 1e6, time.perf_counter() - t0,
         )  # fmt: skip
     workers = dcfg.workers if dcfg.workers is not None else default_workers(train_cache is not None, device)
-    pin = device.type == "cuda"
-    train_plain = ImageDataset(train_samples, prep, None, train_cache)
-    train_aug = ImageDataset(train_samples, prep, augmentation(dcfg.augment, prep, tcfg.random_erasing), train_cache)
     valid_ds = ImageDataset(valid_samples, prep, None, valid_cache)
     eval_batch = max(64, dcfg.batch_size)
-    valid_loader = make_loader(valid_ds, eval_batch, shuffle=False, workers=workers, pin_memory=pin)
-
     counts = _class_counts(train_samples, num_classes)
     class_weights = None
     if tcfg.balance == "weights":  # inverse frequency, mean weight 1 over the samples
         class_weights = counts.sum() / (num_classes * counts.clamp(min=1).float())
-    generator = torch.Generator().manual_seed(cfg.seed)
+    return Workbench(
+        cfg=cfg,
+        device=device,
+        split=split,
+        model=model,
+        prep=prep,
+        pretrained_start=cfg.model.pretrained or cfg.model.weights is not None,
+        train_samples=train_samples,
+        valid_samples=valid_samples,
+        skipped=skipped,
+        train_plain=ImageDataset(train_samples, prep, None, train_cache),
+        train_aug=ImageDataset(train_samples, prep, augmentation(dcfg.augment, prep, tcfg.random_erasing), train_cache),
+        valid_loader=make_loader(
+            valid_ds, eval_batch, shuffle=False, workers=workers, pin_memory=device.type == "cuda"
+        ),
+        workers=workers,
+        generator=torch.Generator().manual_seed(cfg.seed),
+        class_weights=class_weights,
+        eval_batch=eval_batch,
+    )
 
-    def image_loader() -> Any:
-        sampler = None
-        if tcfg.balance == "sampler":
-            sampler = balanced_sampler([x.label for x in train_samples], generator)
-        return make_loader(
-            train_aug, dcfg.batch_size, shuffle=sampler is None, workers=workers, generator=generator,
-            sampler=sampler, pin_memory=pin, drop_last=len(train_aug) > dcfg.batch_size,
-        )  # fmt: skip
+
+def _run(cfg: Config, progress: Progress | None, resume_from: RunFolder | None) -> TrainResult:
+    started = time.perf_counter()
+    tcfg = cfg.train
+    split_file = resume_from.split if resume_from is not None and resume_from.split.is_file() else None
+    wb = prepare(cfg, load_pretrained=resume_from is None, split_file=split_file)
+    last: dict[str, Any] | None = None
+    if resume_from is not None:
+        run = resume_from
+        if run.last.is_file():
+            last = load_checkpoint(run.last)
+            log.info("resuming %s from epoch %d (stage %d)", run.path, last["epoch"], last["stage"])
+        else:
+            log.info("%s has no last.pt yet: starting it again from the beginning", run.path)
+    else:
+        run = new_run_folder(cfg.out, cfg.data.path)
+        wb.cfg = cfg.model_copy(update={"out": run.path})
+        run.config.write_text(wb.cfg.to_yaml())
+        run.write_json(run.classes, wb.split.classes)
+        if wb.split.made_split:
+            wb.split.write_csv(run.split)
+    log.info("run folder: %s", run.path)
 
     tensorboard = None
     if tcfg.tensorboard:
@@ -183,83 +244,34 @@ def _run(cfg: Config, progress: Progress | None, resume_from: RunFolder | None) 
         except ImportError as e:
             raise DataError("--tensorboard needs the tensorboard package: pip install tensorboard") from e
         tensorboard = SummaryWriter(str(run.path / "tensorboard"))
-
-    checkpoint_base = {
-        "arch": dict(model.arch),
-        "classes": list(split.classes),
-        "preprocessing": prep.to_dict(),
-        "config": config.to_plain(),
-    }
-    trainer = Trainer(
-        model, run, checkpoint_base, device=device, num_classes=num_classes,
-        label_smoothing=tcfg.label_smoothing, class_weights=class_weights, grad_clip=tcfg.grad_clip,
-        grad_clip_mode=tcfg.grad_clip_mode, accumulate=tcfg.accumulate,
-        amp_dtype=amp_dtype_for(tcfg.precision, device), monitor=tcfg.monitor, progress=progress,
-        tensorboard=tensorboard,
-    )  # fmt: skip
+    trainer = wb.trainer(run, progress, tensorboard)
     resume_stage = int(last["stage"]) if last is not None else 0
 
-    # ---- stage 1: the head alone, backbone frozen
-    if tcfg.epochs_frozen > 0 and pretrained_start and resume_stage <= 1:
-        stage1 = _head_stage(model, train_plain, valid_loader, image_loader, cfg, workers, device)
-        if last is not None and resume_stage == 1:
-            trainer.restore(last["train_state"], stage1, last["state_dict"])
-        trainer.run_stage(stage1)
-    elif tcfg.epochs_frozen > 0 and not pretrained_start:
+    def run_stage(stage: Stage) -> None:
+        if last is not None and resume_stage == stage.number:
+            trainer.restore(last["train_state"], stage, last["state_dict"])
+        elif tcfg.lr_find:
+            from imgtune.lrfind import tune_lr
+
+            tune_lr(stage, trainer, run.path / f"lr_find_stage{stage.number}.png")
+        trainer.run_stage(stage)
+
+    if tcfg.epochs_frozen > 0 and wb.pretrained_start and resume_stage <= 1:
+        run_stage(wb.head_stage())
+    elif tcfg.epochs_frozen > 0 and not wb.pretrained_start:
         log.info("training from scratch: no frozen-backbone stage (a random backbone has nothing to keep)")
-
-    # ---- stage 2: fine-tune the backbone (all of it, or its top blocks)
     if tcfg.epochs > 0:
-        unfreeze_top(model, tcfg.unfreeze)
-        frozen = tcfg.bn == "frozen" or (tcfg.bn == "auto" and pretrained_start)
-        model.bn_policy = "frozen" if frozen else "trainable"
-        s = tcfg.optim_settings(2, pretrained_start)
-        backbone_lr = s.lr * tcfg.backbone_lr_scale if pretrained_start else s.lr
-        opt = make_optimizer(param_groups(model, s.lr, backbone_lr, s.weight_decay, tcfg.lr_decay), s)
-        loader = image_loader()
-        batches = len(loader)
-        ema = None
-        if tcfg.ema is not None:
-            from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-
-            ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(tcfg.ema), use_buffers=True)
-        mixing = tcfg.mixup > 0 or tcfg.cutmix > 0
-        lr_text = f"layer-wise decay {tcfg.lr_decay}" if tcfg.lr_decay else f"backbone LR {backbone_lr:g}"
-        stage2 = Stage(
-            number=2,
-            description=(
-                f"stage 2: {'top ' + str(tcfg.unfreeze) + ' blocks' if tcfg.unfreeze else 'all layers'}, "
-                f"{tcfg.epochs} epochs, {s.optimizer}, {s.schedule}, head LR {s.lr:g}, {lr_text}, "
-                f"BatchNorm statistics {'frozen' if frozen else 'updated'}, "
-                f"{len(train_aug)} train images, batch {dcfg.batch_size}"
-                + (f" x {tcfg.accumulate} accumulated" if tcfg.accumulate > 1 else "")
-            ),
-            module=model,
-            train_batches=lambda: loader,
-            valid_batches=lambda: valid_loader,
-            batches_per_epoch=batches,
-            epochs=tcfg.epochs,
-            optimizer=opt,
-            scheduler=LRSchedule(opt, s, math.ceil(batches / tcfg.accumulate), tcfg.epochs, maximize=_maximize(cfg)),
-            cheap_epochs=False,
-            patience=tcfg.patience,
-            generator=generator,
-            batch_transform=BatchMix(num_classes, tcfg.mixup, tcfg.cutmix) if mixing else None,
-            ema=ema,
-        )
-        if last is not None and resume_stage == 2:
-            trainer.restore(last["train_state"], stage2, last["state_dict"])
-        trainer.run_stage(stage2)
+        run_stage(wb.finetune_stage())
     if tensorboard is not None:
         tensorboard.close()
 
     best = load_checkpoint(run.best)
-    model.load_state_dict(best["state_dict"])
+    wb.model.load_state_dict(best["state_dict"])
     test = None
-    if split.test_labelled:
-        predictor = Predictor(model, prep, split.classes, device)
-        pairs = [(x.path, split.classes[x.label]) for x in split.test]
-        test = predictor.evaluate(pairs, "test", eval_batch, workers)
+    if wb.split.test_labelled:
+        predictor = Predictor(wb.model, wb.prep, wb.split.classes, wb.device)
+        pairs = [(x.path, wb.split.classes[x.label]) for x in wb.split.test]
+        test = predictor.evaluate(pairs, "test", wb.eval_batch, wb.workers)
         log.info("test accuracy of the best checkpoint: %.4f (%d images)", test.accuracy, test.n)
     st = trainer.state
     summary = {
@@ -270,40 +282,72 @@ def _run(cfg: Config, progress: Progress | None, resume_from: RunFolder | None) 
         "epochs_run": st.epoch,
         "stopped_early": st.stopped_early,
         "skipped_steps": st.skipped_steps,
-        "classes": num_classes,
-        "train_images": len(train_samples),
-        "valid_images": len(valid_samples),
-        "skipped_files": [vars(x) for x in skipped],
+        "classes": len(wb.split.classes),
+        "train_images": len(wb.train_samples),
+        "valid_images": len(wb.valid_samples),
+        "skipped_files": [vars(x) for x in wb.skipped],
         "wall_seconds": round(time.perf_counter() - started, 2),
-        "device": str(device),
+        "device": str(wb.device),
         "torch": torch.__version__,
         "platform": platform.platform(),
     }
     if test is not None:
-        summary.update(
-            {"test_acc": test.accuracy, "test_top5": test.top5, "test_loss": test.loss, "test_images": test.n}
-        )
+        summary.update(test_acc=test.accuracy, test_top5=test.top5, test_loss=test.loss, test_images=test.n)
     run.write_json(run.summary, summary)
     return TrainResult(run.path, st.best_epoch, st.best_acc, test, summary)
+
+
+def _finetune_stage(wb: Workbench) -> Stage:
+    """Stage 2: the backbone (all of it, or its top blocks) trains too, at a lower LR than the head."""
+    tcfg, model = wb.cfg.train, wb.model
+    unfreeze_top(model, tcfg.unfreeze)
+    frozen = tcfg.bn == "frozen" or (tcfg.bn == "auto" and wb.pretrained_start)
+    model.bn_policy = "frozen" if frozen else "trainable"
+    s = tcfg.optim_settings(2, wb.pretrained_start)
+    backbone_lr = s.lr * tcfg.backbone_lr_scale if wb.pretrained_start else s.lr
+    opt = make_optimizer(param_groups(model, s.lr, backbone_lr, s.weight_decay, tcfg.lr_decay), s)
+    loader = wb.image_loader()
+    batches = len(loader)
+    ema = None
+    if tcfg.ema is not None:
+        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(tcfg.ema), use_buffers=True)
+    mixing = tcfg.mixup > 0 or tcfg.cutmix > 0
+    lr_text = f"layer-wise decay {tcfg.lr_decay}" if tcfg.lr_decay else f"backbone LR {backbone_lr:g}"
+    return Stage(
+        number=2,
+        description=(
+            f"stage 2: {'top ' + str(tcfg.unfreeze) + ' blocks' if tcfg.unfreeze else 'all layers'}, "
+            f"{tcfg.epochs} epochs, {s.optimizer}, {s.schedule}, head LR {s.lr:g}, {lr_text}, "
+            f"BatchNorm statistics {'frozen' if frozen else 'updated'}, "
+            f"{len(wb.train_aug)} train images, batch {wb.cfg.data.batch_size}"
+            + (f" x {tcfg.accumulate} accumulated" if tcfg.accumulate > 1 else "")
+        ),
+        module=model,
+        train_batches=lambda: loader,
+        valid_batches=lambda: wb.valid_loader,
+        batches_per_epoch=batches,
+        epochs=tcfg.epochs,
+        optimizer=opt,
+        scheduler=LRSchedule(opt, s, math.ceil(batches / tcfg.accumulate), tcfg.epochs, maximize=_maximize(wb.cfg)),
+        cheap_epochs=False,
+        patience=tcfg.patience,
+        generator=wb.generator,
+        batch_transform=BatchMix(len(wb.split.classes), tcfg.mixup, tcfg.cutmix) if mixing else None,
+        ema=ema,
+    )
 
 
 def _maximize(cfg: Config) -> bool:
     return cfg.train.monitor != "valid_loss"
 
 
-def _head_stage(
-    model: Classifier,
-    train_plain: ImageDataset,
-    valid_loader: Any,
-    image_loader: Any,
-    cfg: Config,
-    workers: int,
-    device: torch.device,
-) -> Stage:
+def _head_stage(wb: Workbench) -> Stage:
     """Stage 1: backbone frozen, head trained. With frozen BatchNorm statistics (the default) the backbone's
     output never changes, so its features are computed once and the head trains on them; with
     `bn_frozen_stage: train` the statistics adapt, so the stage runs on augmented images, epoch by epoch."""
-    tcfg = cfg.train
+    cfg, tcfg, model, device = wb.cfg, wb.cfg.train, wb.model, wb.device
     set_requires_grad(model.backbone, False)
     s = tcfg.optim_settings(1, True)
     opt = make_optimizer(param_groups(model, s.lr, s.lr, s.weight_decay), s)
@@ -311,13 +355,13 @@ def _head_stage(
     common: dict[str, Any] = {"number": 1, "optimizer": opt, "epochs": tcfg.epochs_frozen, "patience": None}
     if tcfg.bn_frozen_stage == "train":
         model.bn_policy = "update"  # running statistics adapt although the weights are frozen
-        loader = image_loader()
+        loader = wb.image_loader()
         batches = len(loader)
         return Stage(
             description=description + ", on images (BatchNorm statistics updating)",
             module=model,
             train_batches=lambda: loader,
-            valid_batches=lambda: valid_loader,
+            valid_batches=lambda: wb.valid_loader,
             batches_per_epoch=batches,
             scheduler=LRSchedule(opt, s, batches, tcfg.epochs_frozen, maximize=_maximize(cfg)),
             cheap_epochs=False,
@@ -326,13 +370,13 @@ def _head_stage(
     model.bn_policy = "frozen"
     t0 = time.perf_counter()
     batch = max(64, cfg.data.batch_size)
-    if train_plain.cache is not None:
-        labels = torch.tensor([x.label for x in train_plain.samples])
-        train_batches: Any = tensor_batches(train_plain.cache, labels, batch, shuffle=False)
+    if wb.train_plain.cache is not None:
+        labels = torch.tensor([x.label for x in wb.train_plain.samples])
+        train_batches: Any = tensor_batches(wb.train_plain.cache, labels, batch, shuffle=False)
     else:
-        train_batches = make_loader(train_plain, batch, shuffle=False, workers=workers)
+        train_batches = make_loader(wb.train_plain, batch, shuffle=False, workers=wb.workers)
     f_train, y_train = extract_features(model, train_batches, device)
-    f_valid, y_valid = extract_features(model, valid_loader, device)
+    f_valid, y_valid = extract_features(model, wb.valid_loader, device)
     seconds = time.perf_counter() - t0
     log.info(
         "stage 1: backbone features for %d images in %.1f s (%.0f images/s)",
