@@ -198,6 +198,9 @@ def train(
     augment: Annotated[Augment | None, typer.Option(help="Augmentation preset [standard].")] = None,
     valid_fraction: Annotated[float | None, typer.Option(help="Held-out share when imgtune splits [0.2].")] = None,
     split_file: Annotated[Path | None, typer.Option(help="Reuse a split.csv from an earlier run.")] = None,
+    class_names: Annotated[
+        Path | None, typer.Option(help="JSON {folder name: display name}, e.g. cat_to_name.json.")
+    ] = None,
     out: Annotated[Path | None, typer.Option(help="Run folder [runs/<data name>].")] = None,
     seed: Annotated[int | None, typer.Option(help="Random seed [0].")] = None,
     device: Annotated[Device | None, typer.Option(help="auto, cpu or cuda [auto].")] = None,
@@ -224,6 +227,7 @@ def train(
         "data.augment": augment,
         "data.valid_fraction": valid_fraction,
         "data.split_file": split_file,
+        "data.class_names": class_names,
         "data.cache": cache,
         "data.workers": workers,
         "model.name": model,

@@ -44,6 +44,7 @@ class DataConfig(_Section):
     augment: Augment = Field("standard", description="training augmentation preset")
     valid_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="share held out when imgtune splits")
     split_file: Path | None = Field(None, description="reuse a split.csv written by an earlier run")
+    class_names: Path | None = Field(None, description="JSON {folder name: display name}, e.g. cat_to_name.json")
     cache: CacheMode = Field("auto", description="keep decoded, resized images in RAM (auto: when they fit)")
     workers: int | None = Field(None, ge=0, description="DataLoader worker processes (None: chosen for you)")
 

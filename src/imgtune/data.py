@@ -253,6 +253,25 @@ def read_split_csv(root: Path, split_file: Path) -> Split:
     return Split(root, classes, samples("train"), samples("valid"), samples("test"), test_labelled, True)
 
 
+def load_class_names(path: Path, classes: Sequence[str]) -> list[str]:
+    """Display names from a JSON object {folder name: display name} (e.g. flowers-102's cat_to_name.json);
+    folders it does not name keep their folder name."""
+    import json
+
+    try:
+        mapping = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise DataError(f"class-name map not found: {path}") from None
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(mapping, dict) or not all(isinstance(v, str) for v in mapping.values()):
+        raise DataError(f"{path}: expected a JSON object mapping folder names to display names")
+    missing = [c for c in classes if c not in mapping]
+    if missing:
+        log.warning("%s names no display name for %d class(es), e.g. %s", path, len(missing), missing[:3])
+    return [str(mapping.get(c, c)) for c in classes]
+
+
 # ----------------------------------------------------------------------------------------------- loading
 
 

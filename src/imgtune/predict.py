@@ -114,11 +114,20 @@ class Prediction:
 class Predictor:
     """Everything needed to classify images, rebuilt from a checkpoint alone."""
 
-    def __init__(self, model: Classifier, prep: Preprocessing, classes: list[str], device: torch.device) -> None:
+    def __init__(
+        self,
+        model: Classifier,
+        prep: Preprocessing,
+        classes: list[str],
+        device: torch.device,
+        display_names: list[str] | None = None,
+    ) -> None:
         self.model = model.to(device).eval()
         if device.type in ("cpu", "cuda"):
             self.model.use_channels_last()  # measured here: 1.7x faster CPU inference than NCHW
         self.prep, self.classes, self.device = prep, classes, device
+        # classes: the folder names (what data is matched by); display_names: what people read
+        self.display_names = display_names or list(classes)
         self.checkpoint: dict[str, Any] = {}
 
     @classmethod
@@ -130,6 +139,7 @@ class Predictor:
             Preprocessing.from_dict(ckpt["preprocessing"]),
             list(ckpt["classes"]),
             pick_device(device),
+            ckpt.get("class_names"),
         )
         predictor.checkpoint = {k: v for k, v in ckpt.items() if k not in ("state_dict", "train_state")}
         predictor.checkpoint["path"] = str(path)
@@ -170,7 +180,7 @@ class Predictor:
         paths = [p for p, _ in pairs]
         logits, kept, skipped = self.logits_for_paths(paths, batch_size, workers)
         labels = torch.tensor([index[pairs[i][1]] for i in kept], dtype=torch.long)
-        return compute_metrics(logits, labels, self.classes, split, skipped)
+        return compute_metrics(logits, labels, self.display_names, split, skipped)
 
     def predict(
         self, paths: Sequence[Path], top_k: int = 3, batch_size: int = 64, workers: int | None = None
@@ -181,7 +191,7 @@ class Predictor:
         rows = [
             Prediction(
                 str(paths[i]),
-                [(self.classes[c], float(p)) for p, c in zip(pr.tolist(), ix.tolist(), strict=True)],
+                [(self.display_names[c], float(p)) for p, c in zip(pr.tolist(), ix.tolist(), strict=True)],
             )
             for i, pr, ix in zip(kept, probs, idx, strict=True)
         ]

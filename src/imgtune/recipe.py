@@ -28,6 +28,7 @@ from imgtune.data import (
     balanced_sampler,
     decode_many,
     default_workers,
+    load_class_names,
     load_split,
     make_loader,
     should_cache,
@@ -115,6 +116,7 @@ class Workbench:
     generator: torch.Generator
     class_weights: torch.Tensor | None
     eval_batch: int
+    display_names: list[str]
 
     def image_loader(self) -> Any:
         dcfg = self.cfg.data
@@ -131,6 +133,7 @@ class Workbench:
         checkpoint_base = {
             "arch": dict(self.model.arch),
             "classes": list(self.split.classes),
+            "class_names": self.display_names,
             "preprocessing": self.prep.to_dict(),
             "config": self.cfg.to_plain(),
         }
@@ -212,6 +215,7 @@ def prepare(cfg: Config, *, load_pretrained: bool = True, split_file: Path | Non
         generator=torch.Generator().manual_seed(cfg.seed),
         class_weights=class_weights,
         eval_batch=eval_batch,
+        display_names=load_class_names(dcfg.class_names, split.classes) if dcfg.class_names else list(split.classes),
     )
 
 
@@ -233,6 +237,8 @@ def _run(cfg: Config, progress: Progress | None, resume_from: RunFolder | None) 
         wb.cfg = cfg.model_copy(update={"out": run.path})
         run.config.write_text(wb.cfg.to_yaml())
         run.write_json(run.classes, wb.split.classes)
+        if wb.display_names != wb.split.classes:
+            run.write_json(run.path / "class_names.json", wb.display_names)
         if wb.split.made_split:
             wb.split.write_csv(run.split)
     log.info("run folder: %s", run.path)
@@ -269,7 +275,7 @@ def _run(cfg: Config, progress: Progress | None, resume_from: RunFolder | None) 
     wb.model.load_state_dict(best["state_dict"])
     test = None
     if wb.split.test_labelled:
-        predictor = Predictor(wb.model, wb.prep, wb.split.classes, wb.device)
+        predictor = Predictor(wb.model, wb.prep, wb.split.classes, wb.device, wb.display_names)
         pairs = [(x.path, wb.split.classes[x.label]) for x in wb.split.test]
         test = predictor.evaluate(pairs, "test", wb.eval_batch, wb.workers)
         log.info("test accuracy of the best checkpoint: %.4f (%d images)", test.accuracy, test.n)
