@@ -1,6 +1,8 @@
 """LR range test (Smith 2015; fastai's lr_find): raise the LR exponentially batch by batch, record the
 smoothed loss, and suggest the LR at the loss minimum divided by 10 — the loss is still falling fast
-there, an order of magnitude below where training diverges. Weights and optimizer state are restored.
+there, an order of magnitude below where training diverges. The first 10% of batches are ignored for the
+minimum: the bias-corrected average of a handful of losses is noise (on a fine-tuning curve that is flat
+at first, that noise used to win and suggest 1e-8). Weights and optimizer state are restored.
 """
 
 from __future__ import annotations
@@ -20,7 +22,10 @@ from imgtune.config import Config
 from imgtune.engine import Batch, Stage, Trainer
 
 log = logging.getLogger(__name__)
-RULE = "LR at the minimum of the smoothed loss, divided by 10"
+RULE = (
+    "LR at the minimum of the smoothed loss (first 10% of batches ignored: the average is still settling),"
+    " divided by 10"
+)
 
 
 @dataclass
@@ -83,7 +88,9 @@ def range_test(stage: Stage, trainer: Trainer, steps: int = 200, start: float = 
     stage.scheduler.rescale(1.0)  # re-applies the schedule's LRs to the restored groups
     if not losses:
         raise RuntimeError("LR range test: no batch produced a finite loss")
-    suggestion = lrs[losses.index(min(losses))] / 10
+    settled = min(len(losses) - 1, max(5, len(losses) // 10))
+    tail = losses[settled:]
+    suggestion = lrs[settled + tail.index(min(tail))] / 10
     return LRFindResult(lrs, losses, suggestion)
 
 
