@@ -59,6 +59,14 @@ def make_dataset(tmp_path: Path) -> Callable[..., Path]:
     return make
 
 
+def small_dataset(factory: pytest.TempPathFactory, name: str, train: int, valid: int) -> Path:
+    """Module-scoped datasets: train/ and valid/ with the three colour classes."""
+    root = factory.mktemp(name) / "ds"
+    write_class_folders(root / "train", train, seed=1)
+    write_class_folders(root / "valid", valid, seed=2)
+    return root
+
+
 def bomb_png(path: Path, width: int = 100_000, height: int = 100_000) -> Path:
     """A tiny PNG whose header claims a huge image: what a decompression bomb looks like to a decoder."""
 

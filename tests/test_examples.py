@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import imgtune
-from conftest import write_class_folders
+from conftest import small_dataset, write_class_folders
 from imgtune.recipe import prepare
 from imgtune.runs import RunFolder
 
@@ -19,10 +19,7 @@ EXAMPLES = sorted((Path(__file__).resolve().parents[1] / "examples").glob("*.yam
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("ex") / "ds"
-    write_class_folders(root / "train", 4, seed=1)
-    write_class_folders(root / "valid", 2, seed=2)
-    return root
+    return small_dataset(tmp_path_factory, "ex", train=4, valid=2)
 
 
 def test_there_are_examples() -> None:

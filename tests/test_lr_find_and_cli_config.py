@@ -10,7 +10,7 @@ import yaml
 from PIL import Image
 from typer.testing import CliRunner
 
-from conftest import write_class_folders
+from conftest import small_dataset
 from imgtune.cli import app
 
 runner = CliRunner()
@@ -19,10 +19,7 @@ SMALL = ["--img-size", "32", "--batch-size", "8"]
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("lrf") / "ds"
-    write_class_folders(root / "train", 8, seed=1)
-    write_class_folders(root / "valid", 3, seed=2)
-    return root
+    return small_dataset(tmp_path_factory, "lrf", train=8, valid=3)
 
 
 @pytest.mark.parametrize("stage", [1, 2])

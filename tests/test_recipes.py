@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import imgtune
-from conftest import write_class_folders
+from conftest import small_dataset, write_class_folders
 from imgtune.optim import OPTIMIZERS, SCHEDULES, LRSchedule, OptimSettings
 
 BASE = {"data.img_size": 32, "data.batch_size": 8, "train.patience": None, "data.augment": "light"}
@@ -20,10 +20,7 @@ BASE = {"data.img_size": 32, "data.batch_size": 8, "train.patience": None, "data
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("recipes") / "ds"
-    write_class_folders(root / "train", 8, seed=1)  # 24 images = 3 batches of 8
-    write_class_folders(root / "valid", 3, seed=2)
-    return root
+    return small_dataset(tmp_path_factory, "recipes", train=8, valid=3)
 
 
 def _train(data: Path, out: Path, **overrides: object) -> imgtune.TrainResult:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import write_class_folders
+from conftest import small_dataset
 
 TIMING = {"seconds", "images_per_s"}  # wall-clock columns differ between runs by nature
 
@@ -38,10 +38,7 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("resume") / "ds"
-    write_class_folders(root / "train", 16, seed=1)  # 48 images: 6 batches per epoch
-    write_class_folders(root / "valid", 4, seed=2)
-    return root
+    return small_dataset(tmp_path_factory, "resume", train=16, valid=4)
 
 
 @pytest.fixture(scope="module")
@@ -96,3 +93,22 @@ def test_sigkill_mid_epoch_then_resume_equals_an_uninterrupted_run(
         assert ref.keys() == got.keys()
         assert all(torch.equal(ref[k], got[k]) for k in ref), name
     assert (out / "lr.csv").read_text() == (reference / "lr.csv").read_text()
+
+
+def test_resume_before_any_checkpoint_starts_over_from_pretrained_weights(
+    data: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import shutil
+
+    import imgtune
+
+    cfg = imgtune.build_config(overrides={"data.path": data, "out": tmp_path / "run", "data.img_size": 32,
+                                          "train.epochs_frozen": 2, "train.epochs": 0})  # fmt: skip
+    first = imgtune.train(cfg)
+    shutil.rmtree(first.run_dir / "checkpoints")  # as if killed before stage 1 ended
+    caplog.set_level("INFO", logger="imgtune")
+    again = imgtune.resume(first.run_dir)
+    assert "starting it again from the beginning" in caplog.text
+    assert "loaded offline ImageNet weights" in caplog.text
+    assert again.best_valid_acc == pytest.approx(first.best_valid_acc)
+    assert len(_rows(first.run_dir)) == 2

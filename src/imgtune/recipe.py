@@ -223,7 +223,9 @@ def _run(cfg: Config, progress: Progress | None, resume_from: RunFolder | None) 
     started = time.perf_counter()
     tcfg = cfg.train
     split_file = resume_from.split if resume_from is not None and resume_from.split.is_file() else None
-    wb = prepare(cfg, load_pretrained=resume_from is None, split_file=split_file)
+    # resuming from last.pt: its weights replace the pretrained ones, so don't load (or download) those
+    from_checkpoint = resume_from is not None and resume_from.last.is_file()
+    wb = prepare(cfg, load_pretrained=not from_checkpoint, split_file=split_file)
     last: dict[str, Any] | None = None
     if resume_from is not None:
         run = resume_from
