@@ -53,13 +53,15 @@ def test_set_and_print_config(data: Path, tmp_path: Path) -> None:
     f = tmp_path / "c.yaml"
     f.write_text("train:\n  epochs: 9\n  stage2: {optimizer: sgd}\n")
     res = runner.invoke(app, ["train", str(data), "--config", str(f), "--epochs", "4", "--set", "train.stage2.lr=0.02",
-                              "--set", "train.milestones=[2, 3]", "--head", "500", "--print-config"])  # fmt: skip
+                              "--set", "train.milestones=[2, 3]", "--head", "500", "--set", "train.patience=null",
+                              "--print-config"])  # fmt: skip
     assert res.exit_code == 0, res.output
     cfg = yaml.safe_load(res.stdout)
     assert cfg["train"]["epochs"] == 4  # flag beats file
     assert cfg["train"]["stage2"] == {**cfg["train"]["stage2"], "optimizer": "sgd", "lr": 0.02}
     assert cfg["train"]["milestones"] == [2, 3] and cfg["model"]["head"] == [500]
     assert cfg["data"]["path"] == str(data)
+    assert cfg["train"]["patience"] is None
 
 
 def test_bad_values_are_rejected_with_the_choices(data: Path) -> None:

@@ -268,9 +268,8 @@ def train(
         "out": out,
         "seed": seed,
         "device": device,
-        **_parse_sets(set_),
     }
-    cfg = build_config(config, overrides)
+    cfg = build_config(config, overrides, explicit=_parse_sets(set_))
     if print_config:
         typer.echo(cfg.to_yaml(), nl=False)
         return
@@ -305,9 +304,9 @@ def lr_find(
         "data.img_size": img_size,
         "data.batch_size": batch_size,
         "train.optimizer": optimizer,
-        **_parse_sets(set_),
     }
-    result = find_lr(build_config(config, overrides), stage=stage, steps=steps, out=out)
+    cfg = build_config(config, overrides, explicit=_parse_sets(set_))
+    result = find_lr(cfg, stage=stage, steps=steps, out=out)
     typer.echo(f"suggested LR for stage {stage}: {result.suggestion:.3g}")
     typer.echo(f"rule: {result.rule}; loss minimum {min(result.losses):.4f} over {len(result.lrs)} batches")
     typer.echo(f"plot: {out}  curve: {out.with_suffix('.csv')}")

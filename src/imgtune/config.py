@@ -209,8 +209,13 @@ def build_config(
     file: Path | None = None,
     overrides: Mapping[str, Any] | None = None,
     base: Mapping[str, Any] | None = None,
+    explicit: Mapping[str, Any] | None = None,
 ) -> Config:
-    """Merge base dict < YAML file < dotted overrides (e.g. {"train.lr": 3e-4}); None overrides are skipped."""
+    """Merge base dict < YAML file < dotted overrides (e.g. {"train.lr": 3e-4}) < explicit settings.
+
+    None in `overrides` means "flag not given" and is skipped; `explicit` (from --set) applies None too,
+    so `--set train.patience=null` switches early stopping off.
+    """
     tree: dict[str, Any] = {}
     if base:
         for k, v in base.items():
@@ -234,6 +239,8 @@ def build_config(
     for key, value in (overrides or {}).items():
         if value is not None:
             _set_dotted(tree, key, value)
+    for key, value in (explicit or {}).items():
+        _set_dotted(tree, key, value)
     try:
         return Config.model_validate(tree)
     except ValidationError as e:
