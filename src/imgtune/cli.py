@@ -15,8 +15,9 @@ from typing import Annotated, Any
 import typer
 
 from imgtune.checkpoint import CheckpointError
-from imgtune.config import Augment, CacheMode, ConfigError, Device, Optimizer, Schedule, build_config
+from imgtune.config import Augment, Backend, CacheMode, ConfigError, Device, Optimizer, Schedule, build_config
 from imgtune.data import DataError
+from imgtune.export import ExportError
 from imgtune.images import ImageError
 from imgtune.models import ModelError
 from imgtune.predict import InputError
@@ -40,6 +41,7 @@ USER_ERRORS = (
     InputError,
     ImageError,
     FileExistsError,
+    ExportError,
 )
 
 
@@ -357,12 +359,13 @@ def predict(
     batch_size: Annotated[int, typer.Option()] = 64,
     device: Annotated[Device, typer.Option()] = "auto",
     workers: Annotated[int | None, typer.Option(help="Decoding worker processes [auto].")] = None,
+    backend: Annotated[Backend, typer.Option(help="torch (the checkpoint) or onnxruntime (RUN/model.onnx).")] = "torch",
 ) -> None:
     """Classify images; CSV columns path,label,confidence[,top2_label,top2_confidence,...]."""
     from imgtune.api import load
     from imgtune.predict import expand_inputs, predictions_csv, write_predictions
 
-    predictor = load(run, device)
+    predictor = load(run, device, backend)
     rows, skipped = predictor.predict(expand_inputs(paths), top_k=top_k, batch_size=batch_size, workers=workers)
     k = max(1, min(top_k, len(predictor.classes)))
     if out is None:
@@ -374,6 +377,28 @@ def predict(
         typer.echo(f"{len(skipped)} unreadable file(s) skipped:", err=True)
         for s in skipped:
             typer.echo(f"  {s['path']}: {s['reason']}", err=True)
+
+
+@app.command()
+def export(
+    run: Annotated[Path, typer.Argument(help="Run folder or checkpoint file.")],
+    format: Annotated[str, typer.Option("--format", help="Export format (onnx).")] = "onnx",
+    out: Annotated[Path | None, typer.Option(help="Output file [RUN/model.onnx].")] = None,
+    opset: Annotated[int, typer.Option(help="ONNX opset version.")] = 18,
+    images: Annotated[
+        list[Path] | None, typer.Option("--images", help="Images for the parity check [the run's data].")
+    ] = None,
+) -> None:
+    """Export to ONNX (uint8 RGB NCHW in, probabilities out, preprocessing inside), checked against PyTorch."""
+    if format != "onnx":
+        _fail(f"--format {format!r}: only onnx is supported")
+    from imgtune.export import PARITY_ATOL, export_onnx
+
+    result = export_onnx(run, out, opset, images)
+    typer.echo(
+        f"{result.path}: opset {result.opset}; parity with PyTorch on {result.images_checked} real images: "
+        f"max |Δp| {result.max_abs_diff:.1e} (limit {PARITY_ATOL:.0e}), same top-1"
+    )
 
 
 def main() -> None:

@@ -18,6 +18,7 @@ from imgtune.optim import OptimSettings
 
 Augment = Literal["none", "light", "standard", "strong"]
 Device = Literal["auto", "cpu", "cuda"]
+Backend = Literal["torch", "onnxruntime"]
 CacheMode = Literal["auto", "ram", "none"]
 Optimizer = Literal["sgd", "adam", "adamw", "rmsprop"]
 Schedule = Literal["constant", "cosine", "onecycle", "step", "multistep", "exponential", "plateau"]

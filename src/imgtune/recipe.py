@@ -38,7 +38,7 @@ from imgtune.features import extract_features, tensor_batches
 from imgtune.metrics import EvalResult
 from imgtune.models import Classifier, create_model, param_groups, set_requires_grad, unfreeze_top
 from imgtune.optim import LRSchedule, make_optimizer
-from imgtune.predict import Predictor, pick_device
+from imgtune.predict import TorchPredictor, pick_device
 from imgtune.progress import Progress
 from imgtune.runs import RunFolder, new_run_folder
 from imgtune.transforms import BatchMix, Preprocessing, augmentation
@@ -277,7 +277,7 @@ def _run(cfg: Config, progress: Progress | None, resume_from: RunFolder | None) 
     wb.model.load_state_dict(best["state_dict"])
     test = None
     if wb.split.test_labelled:
-        predictor = Predictor(wb.model, wb.prep, wb.split.classes, wb.device, wb.display_names)
+        predictor = TorchPredictor(wb.model, wb.prep, wb.split.classes, wb.device, wb.display_names)
         pairs = [(x.path, wb.split.classes[x.label]) for x in wb.split.test]
         test = predictor.evaluate(pairs, "test", wb.eval_batch, wb.workers)
         log.info("test accuracy of the best checkpoint: %.4f (%d images)", test.accuracy, test.n)

@@ -1,0 +1,87 @@
+"""ONNX export: graph with preprocessing, dynamic batch, metadata, parity, and the onnxruntime backend."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import imgtune
+from conftest import small_dataset
+from imgtune.checkpoint import CheckpointError
+from imgtune.cli import app
+from imgtune.export import ExportError, check_parity, export_onnx, read_metadata
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    data = small_dataset(tmp_path_factory, "export", train=8, valid=4)
+    cfg = imgtune.build_config(overrides={"data.path": data, "out": data.parent / "run", "data.img_size": 48,
+                                          "train.epochs_frozen": 5, "train.epochs": 1})  # fmt: skip
+    return imgtune.train(cfg).run_dir
+
+
+def test_export_cli_writes_a_checked_model_with_metadata(run: Path) -> None:
+    res = runner.invoke(app, ["export", str(run), "--format", "onnx"])
+    assert res.exit_code == 0, res.output
+    assert "parity with PyTorch on 12 real images" in res.stdout
+    meta = read_metadata(run / "model.onnx")
+    assert json.loads(meta["classes"]) == ["blue", "green", "red"]
+    assert json.loads(meta["preprocessing"])["img_size"] == 48 and "uint8 RGB, NCHW" in meta["input"]
+    session = ort.InferenceSession(str(run / "model.onnx"))
+    (inp,) = session.get_inputs()
+    assert inp.name == "image" and inp.type == "tensor(uint8)" and inp.shape[1:] == [3, 48, 48]
+    for batch in (1, 5):  # dynamic batch dimension
+        x = np.random.default_rng(batch).integers(0, 255, (batch, 3, 48, 48), dtype=np.uint8)
+        probs = session.run(None, {"image": x})[0]
+        assert probs.shape == (batch, 3) and np.allclose(probs.sum(1), 1, atol=1e-5)
+
+
+def test_onnxruntime_backend_gives_the_same_csv(run: Path, tmp_path: Path) -> None:
+    export_onnx(run, tmp_path / "m.onnx")
+    data = Path(imgtune.load(run).checkpoint["config"]["data"]["path"])
+    a, b = tmp_path / "torch.csv", tmp_path / "ort.csv"
+    assert (
+        runner.invoke(app, ["predict", str(run), str(data / "valid"), "--out", str(a), "--top-k", "3"]).exit_code == 0
+    )
+    res = runner.invoke(app, ["predict", str(tmp_path / "m.onnx"), str(data / "valid"), "--out", str(b),
+                              "--top-k", "3", "--backend", "onnxruntime"])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    rows_a, rows_b = list(csv.DictReader(a.open())), list(csv.DictReader(b.open()))
+    assert [r["path"] for r in rows_a] == [r["path"] for r in rows_b] and len(rows_a) == 12
+    assert [r["label"] for r in rows_a] == [r["label"] for r in rows_b]
+    for ra, rb in zip(rows_a, rows_b, strict=True):
+        assert abs(float(ra["confidence"]) - float(rb["confidence"])) <= 1e-4
+
+
+def test_parity_check_fails_loudly_on_a_different_model(
+    run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "m.onnx"
+    export_onnx(run, out)
+    predictor = imgtune.load(run)
+    model = predictor.model  # type: ignore[attr-defined]
+    with torch.no_grad():
+        model.head[-1].bias[0] += 3.0  # a different model than the one exported
+    images = torch.randint(0, 255, (4, 3, 48, 48), dtype=torch.uint8)
+    wrapped = torch.nn.Sequential(model, torch.nn.Softmax(dim=1))
+    diff, _ = check_parity(wrapped, out.read_bytes(), images)
+    assert diff > 1e-4
+    monkeypatch.setattr("imgtune.export.PARITY_ATOL", -1.0)  # nothing can pass: the error path must trigger
+    with pytest.raises(ExportError, match="does not match"):
+        export_onnx(run, tmp_path / "never.onnx")
+    assert not (tmp_path / "never.onnx").exists()
+
+
+def test_onnx_backend_needs_an_export(tmp_path: Path) -> None:
+    (tmp_path / "empty_run").mkdir()
+    with pytest.raises(CheckpointError, match="imgtune export"):
+        imgtune.load(tmp_path / "empty_run", backend="onnxruntime")
