@@ -401,6 +401,24 @@ def export(
     )
 
 
+@app.command()
+def serve(
+    run: Annotated[
+        Path, typer.Argument(help="Run folder or checkpoint (torch), or model.onnx / run folder (onnxruntime).")
+    ],
+    host: Annotated[str, typer.Option(help="Address to bind; other than loopback, a token is required.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    backend: Annotated[Backend, typer.Option(help="torch or onnxruntime.")] = "torch",
+    max_upload_mb: Annotated[float, typer.Option(help="Largest request body accepted.")] = 20.0,
+    token: Annotated[str | None, typer.Option(help="Require 'Authorization: Bearer TOKEN' on every API call.")] = None,
+    device: Annotated[Device, typer.Option()] = "auto",
+) -> None:
+    """Serve predictions over HTTP (POST /predict, GET /health, GET /classes) with a web page at /."""
+    from imgtune.serve import serve as run_server
+
+    run_server(run, host=host, port=port, backend=backend, max_upload_mb=max_upload_mb, token=token, device=device)
+
+
 def main() -> None:
     try:
         app()

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from imgtune.images import ImageError, load_rgb
+from imgtune.images import ImageError, Source, load_rgb
 from imgtune.transforms import Preprocessing, prepare
 
 log = logging.getLogger(__name__)
@@ -275,7 +275,7 @@ def load_class_names(path: Path, classes: Sequence[str]) -> list[str]:
 # ----------------------------------------------------------------------------------------------- loading
 
 
-def decode_prepared(path: Path, prep: Preprocessing) -> torch.Tensor:
+def decode_prepared(path: Source, prep: Preprocessing) -> torch.Tensor:
     """The one deterministic path from a file to model-ready uint8 pixels (train, eval, predict, serve)."""
     return prepare(load_rgb(path, draft_size=prep.img_size), prep)
 

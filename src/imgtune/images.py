@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 import torch
@@ -21,34 +22,52 @@ BACKGROUND = (255, 255, 255)
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error we report, not grey pixels we train on
 
 
-class ImageError(Exception):
-    """A file could not be used as an image. `reason` is short and human-readable."""
+Source = Path | str | IO[bytes]  # a file path, or bytes in memory (uploads are never written to disk)
 
-    def __init__(self, path: Path | str, reason: str) -> None:
+
+class ImageError(Exception):
+    """A file could not be used as an image. `reason` is short and human-readable; `kind` is one of
+    missing, not_image (no image at all), bomb (refused: too many pixels), corrupt (an image, but broken)."""
+
+    def __init__(self, path: Path | str, reason: str, kind: str = "corrupt") -> None:
         super().__init__(f"{path}: {reason}")
         self.path = str(path)
         self.reason = reason
+        self.kind = kind
 
 
-def open_image(path: Path | str) -> Image.Image:
+def _name(source: Source) -> str:
+    return str(getattr(source, "name", "<upload>")) if not isinstance(source, Path | str) else str(source)
+
+
+def _is_empty(source: Source) -> bool:
+    if isinstance(source, Path | str):
+        return Path(source).is_file() and Path(source).stat().st_size == 0
+    pos = source.seek(0, 2)
+    source.seek(0)
+    return pos == 0
+
+
+def open_image(source: Source) -> Image.Image:
     """Open lazily (header only) and check the pixel count before anything is decoded."""
+    path = _name(source)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            im = Image.open(path)
+            im = Image.open(source)
     except FileNotFoundError:
-        raise ImageError(path, "file not found") from None
+        raise ImageError(path, "file not found", "missing") from None
     except UnidentifiedImageError:
-        size = Path(path).stat().st_size if Path(path).exists() else -1
-        raise ImageError(path, "empty file" if size == 0 else "not an image Pillow can read") from None
+        empty = _is_empty(source)
+        raise ImageError(path, "empty file" if empty else "not an image Pillow can read", "not_image") from None
     except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
-        raise ImageError(path, f"decompression bomb refused ({e})") from None
+        raise ImageError(path, f"decompression bomb refused ({e})", "bomb") from None
     except OSError as e:
         raise ImageError(path, f"cannot open: {e}") from None
     w, h = im.size
     if w * h > MAX_PIXELS:
         im.close()
-        raise ImageError(path, f"decompression bomb refused: {w}x{h} pixels is over the {MAX_PIXELS:,} limit")
+        raise ImageError(path, f"decompression bomb refused: {w}x{h} pixels is over the {MAX_PIXELS:,} limit", "bomb")
     if w < 1 or h < 1:
         im.close()
         raise ImageError(path, f"image has no pixels ({w}x{h})")
@@ -80,7 +99,7 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     return im
 
 
-def load_rgb(path: Path | str, draft_size: int | None = None) -> torch.Tensor:
+def load_rgb(path: Source, draft_size: int | None = None) -> torch.Tensor:
     """Decode `path` to a CHW uint8 RGB tensor, EXIF orientation applied, first frame of animations.
 
     draft_size: JPEGs much larger than this are decoded at a reduced scale (DCT scaling: several times
@@ -101,9 +120,9 @@ def load_rgb(path: Path | str, draft_size: int | None = None) -> torch.Tensor:
     except ImageError:
         raise
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise ImageError(path, f"cannot decode: {e}") from None
+        raise ImageError(_name(path), f"cannot decode: {e}") from None
     if arr.ndim != 3 or arr.shape[2] != 3:
-        raise ImageError(path, f"unexpected decoded shape {arr.shape}")
+        raise ImageError(_name(path), f"unexpected decoded shape {arr.shape}")
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
 
 
