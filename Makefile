@@ -6,7 +6,7 @@ DATA ?= data/fashion-mnist
 STAMP := $(VENV)/.imgtune-installed
 FASHION_DEB := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: demo test test-fast lint venv fashion-mnist clean
+.PHONY: demo test test-fast test-deps lint venv fashion-mnist clean
 
 venv: $(STAMP)
 
@@ -30,17 +30,26 @@ demo: fashion-mnist
 	$(BIN)/imgtune train $(DATA) --img-size 112 --epochs-frozen 30 --epochs 2
 
 lint: venv
-	$(BIN)/ruff check src tests
-	$(BIN)/ruff format --check src tests
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
 	$(BIN)/mypy
 
-test: lint
-	@if [ ! -f $(FASHION_DEB) ] && command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
-		(apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist >/dev/null) || true; \
+# Real data and a real browser for the tests that use them (they are skipped where these cannot be had).
+test-deps:
+	@if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+		missing=""; \
+		[ -f $(FASHION_DEB) ] || missing="$$missing dataset-fashion-mnist"; \
+		command -v chromium >/dev/null 2>&1 || missing="$$missing chromium"; \
+		if [ -n "$$missing" ]; then \
+			(apt-get update -qq && apt-get install -y -qq $$missing >/dev/null) \
+			|| echo "apt-get could not install$$missing; the tests that need them are skipped"; \
+		fi; \
 	fi
+
+test: lint test-deps
 	$(BIN)/pytest
 
-test-fast: lint
+test-fast: lint test-deps
 	$(BIN)/pytest -m "not slow"
 
 clean:

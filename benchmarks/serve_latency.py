@@ -1,0 +1,114 @@
+"""Serving latency and throughput, torch vs onnxruntime backends, side by side in one run.
+
+    python benchmarks/serve_latency.py RUN IMAGES_DIR [--requests 200] [--clients 16]
+
+For each backend: a real uvicorn server on a free loopback port; (1) sequential requests with one image each
+-> p50/p95 latency; (2) `--clients` concurrent clients sending `--requests` requests in all -> requests/s.
+RUN needs model.onnx (imgtune export RUN). Results go to benchmarks/results/serve_latency.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import socket
+import statistics
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import torch
+import uvicorn
+
+import imgtune
+from imgtune.serve import create_app
+
+OUT = Path(__file__).parent / "results" / "serve_latency.md"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def measure(run: Path, backend: str, images: list[bytes], requests: int, clients: int) -> dict[str, float]:
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(imgtune.load(run, backend=backend)), port=port, log_level="error")
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    url = f"http://127.0.0.1:{port}/predict"
+    try:
+        with httpx.Client(timeout=120) as client:
+            for i in range(10):  # warm-up
+                client.post(url, files=[("file", ("w.png", images[i % len(images)]))])
+            latencies = []
+            for i in range(requests):
+                t0 = time.perf_counter()
+                r = client.post(url, files=[("file", ("x.png", images[i % len(images)]))])
+                latencies.append(time.perf_counter() - t0)
+                assert r.status_code == 200, r.text
+
+        def one(i: int) -> None:
+            with httpx.Client(timeout=120) as c:
+                assert c.post(url, files=[("file", ("y.png", images[i % len(images)]))]).status_code == 200
+
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(clients) as pool:
+            list(pool.map(one, range(requests)))
+        wall = time.perf_counter() - t0
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+    q = statistics.quantiles(latencies, n=20)
+    return {
+        "p50_ms": 1000 * statistics.median(latencies),
+        "p95_ms": 1000 * q[18],
+        "sequential_rps": requests / sum(latencies),
+        "concurrent_rps": requests / wall,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("run", type=Path)
+    ap.add_argument("images", type=Path)
+    ap.add_argument("--requests", type=int, default=200)
+    ap.add_argument("--clients", type=int, default=16)
+    args = ap.parse_args()
+    images = [p.read_bytes() for p in sorted(args.images.rglob("*.png"))[:100]]
+    rows = {b: measure(args.run, b, images, args.requests, args.clients) for b in ("torch", "onnxruntime")}
+    size = imgtune.load(args.run).prep.img_size
+    lines = [
+        "# Serving latency: torch vs onnxruntime",
+        "",
+        f"`python benchmarks/serve_latency.py {args.run} {args.images} "
+        f"--requests {args.requests} --clients {args.clients}`",
+        "",
+        f"Machine: {platform.platform()}, {torch.get_num_threads()} torch threads; model input {size}x{size};",
+        f"one PNG per request; {args.requests} sequential requests (latency), then {args.requests} requests from",
+        f"{args.clients} concurrent clients (throughput, server-side batching).",
+        "",
+        "| backend | p50 latency (ms) | p95 latency (ms) | sequential requests/s | concurrent requests/s |",
+        "|---|---|---|---|---|",
+    ]
+    for b, r in rows.items():
+        lines.append(
+            f"| {b} | {r['p50_ms']:.1f} | {r['p95_ms']:.1f} | {r['sequential_rps']:.1f} | {r['concurrent_rps']:.1f} |"
+        )
+    t, o = rows["torch"], rows["onnxruntime"]
+    lines += ["", f"onnxruntime / torch: p50 {o['p50_ms'] / t['p50_ms']:.2f}x, concurrent throughput "
+              f"{o['concurrent_rps'] / t['concurrent_rps']:.2f}x"]  # fmt: skip
+    OUT.parent.mkdir(parents=True, exist_ok=True)
+    OUT.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
