@@ -18,7 +18,7 @@ import torch
 import yaml
 
 from imgtune.checkpoint import CheckpointError, load_checkpoint
-from imgtune.config import Config
+from imgtune.config import Config, ConfigError
 from imgtune.data import (
     DataError,
     ImageDataset,
@@ -40,7 +40,7 @@ from imgtune.models import Classifier, create_model, param_groups, set_requires_
 from imgtune.optim import LRSchedule, make_optimizer
 from imgtune.predict import TorchPredictor, pick_device
 from imgtune.progress import Progress
-from imgtune.runs import RunFolder, new_run_folder
+from imgtune.runs import RunFolder, ensure_free, new_run_folder
 from imgtune.transforms import BatchMix, Preprocessing, augmentation
 
 log = logging.getLogger(__name__)
@@ -225,6 +225,8 @@ def _run(cfg: Config, progress: Progress | None, resume_from: RunFolder | None) 
     split_file = resume_from.split if resume_from is not None and resume_from.split.is_file() else None
     # resuming from last.pt: its weights replace the pretrained ones, so don't load (or download) those
     from_checkpoint = resume_from is not None and resume_from.last.is_file()
+    if resume_from is None and cfg.out is not None:
+        ensure_free(cfg.out)  # before minutes of caching, not after
     wb = prepare(cfg, load_pretrained=not from_checkpoint, split_file=split_file)
     last: dict[str, Any] | None = None
     if resume_from is not None:
@@ -250,7 +252,7 @@ def _run(cfg: Config, progress: Progress | None, resume_from: RunFolder | None) 
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError as e:
-            raise DataError("--tensorboard needs the tensorboard package: pip install tensorboard") from e
+            raise ConfigError("--tensorboard needs the tensorboard package: pip install tensorboard") from e
         tensorboard = SummaryWriter(str(run.path / "tensorboard"))
     trainer = wb.trainer(run, progress, tensorboard)
     resume_stage = int(last["stage"]) if last is not None else 0

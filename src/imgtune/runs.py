@@ -89,12 +89,18 @@ def _fmt(value: Any) -> Any:
     return f"{value:.6g}" if isinstance(value, float) else value
 
 
+def ensure_free(out: Path) -> None:
+    if Path(out).exists() and any(Path(out).iterdir()):
+        raise FileExistsError(
+            f"{out}: run folder exists and is not empty; choose another --out, remove it, or --resume {out}"
+        )
+
+
 def new_run_folder(out: Path | None, data: Path, base: Path = Path("runs")) -> RunFolder:
     """`out` as given (must be new or empty), else runs/<dataset name>, runs/<dataset name>-2, ..."""
     if out is not None:
         out = Path(out)
-        if out.exists() and any(out.iterdir()):
-            raise FileExistsError(f"{out}: run folder exists and is not empty; choose another --out or remove it")
+        ensure_free(out)
         out.mkdir(parents=True, exist_ok=True)
         return RunFolder(out)
     stem = re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(data).resolve().name).strip("-") or "run"
