@@ -13,17 +13,16 @@ import argparse
 import platform
 import socket
 import statistics
-import threading
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 import torch
-import uvicorn
 
 import imgtune
-from imgtune.serve import create_app
 
 OUT = Path(__file__).parent / "results" / "serve_latency.md"
 
@@ -35,16 +34,21 @@ def free_port() -> int:
 
 
 def measure(run: Path, backend: str, images: list[bytes], requests: int, clients: int) -> dict[str, float]:
+    """The server runs as `imgtune serve` in its own process, so clients and server don't share one GIL."""
     port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(imgtune.load(run, backend=backend)), port=port, log_level="error")
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.05)
-    url = f"http://127.0.0.1:{port}/predict"
+    server = subprocess.Popen(
+        [sys.executable, "-m", "imgtune", "serve", str(run), "--backend", backend, "--port", str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+    url = f"{base}/predict"
     try:
+        for _ in range(600):
+            try:
+                if httpx.get(f"{base}/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.1)
         with httpx.Client(timeout=120) as client:
             for i in range(10):  # warm-up
                 client.post(url, files=[("file", ("w.png", images[i % len(images)]))])
@@ -55,17 +59,18 @@ def measure(run: Path, backend: str, images: list[bytes], requests: int, clients
                 latencies.append(time.perf_counter() - t0)
                 assert r.status_code == 200, r.text
 
-        def one(i: int) -> None:
+        def worker(k: int) -> None:  # one keep-alive connection per client
             with httpx.Client(timeout=120) as c:
-                assert c.post(url, files=[("file", ("y.png", images[i % len(images)]))]).status_code == 200
+                for i in range(k, requests, clients):
+                    assert c.post(url, files=[("file", ("y.png", images[i % len(images)]))]).status_code == 200
 
         t0 = time.perf_counter()
         with ThreadPoolExecutor(clients) as pool:
-            list(pool.map(one, range(requests)))
+            list(pool.map(worker, range(clients)))
         wall = time.perf_counter() - t0
     finally:
-        server.should_exit = True
-        thread.join(timeout=10)
+        server.terminate()
+        server.wait(timeout=30)
     q = statistics.quantiles(latencies, n=20)
     return {
         "p50_ms": 1000 * statistics.median(latencies),
@@ -93,7 +98,8 @@ def main() -> None:
         "",
         f"Machine: {platform.platform()}, {torch.get_num_threads()} torch threads; model input {size}x{size};",
         f"one PNG per request; {args.requests} sequential requests (latency), then {args.requests} requests from",
-        f"{args.clients} concurrent clients (throughput, server-side batching).",
+        f"{args.clients} concurrent clients with keep-alive connections (throughput, server-side batching).",
+        "Server (`imgtune serve`) and clients share the machine's cores.",
         "",
         "| backend | p50 latency (ms) | p95 latency (ms) | sequential requests/s | concurrent requests/s |",
         "|---|---|---|---|---|",
