@@ -7,6 +7,7 @@ a crash leaves either the old file or the new one, never half of one.
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 import tempfile
@@ -17,6 +18,10 @@ import torch
 
 FORMAT = "imgtune-checkpoint"
 VERSION = 1
+
+
+class DiskFullError(OSError):
+    """A write failed for lack of space; the message names the file and says what was kept."""
 
 
 class CheckpointError(ValueError):
@@ -33,8 +38,11 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            kept = f"the previous {path.name} is intact" if path.exists() else f"{path.name} was not written"
+            raise DiskFullError(f"{path}: no space left on the device ({len(data):,} bytes needed); {kept}") from e
         raise
     _fsync_dir(path.parent)
 

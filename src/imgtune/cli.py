@@ -14,9 +14,10 @@ from typing import Annotated, Any
 
 import typer
 
-from imgtune.checkpoint import CheckpointError
+from imgtune.checkpoint import CheckpointError, DiskFullError
 from imgtune.config import Augment, Backend, CacheMode, ConfigError, Device, Optimizer, Schedule, build_config
 from imgtune.data import DataError
+from imgtune.engine import TrainingError
 from imgtune.export import ExportError
 from imgtune.images import ImageError
 from imgtune.models import ModelError
@@ -42,6 +43,8 @@ USER_ERRORS = (
     ImageError,
     FileExistsError,
     ExportError,
+    TrainingError,
+    DiskFullError,
 )
 
 

@@ -115,6 +115,7 @@ class TrainConfig(_Section):
     patience: int | None = Field(3, ge=1, description="stop fine-tuning after N epochs without improvement")
     bn: BnPolicy = Field("auto", description="BatchNorm statistics while fine-tuning (auto: frozen if pretrained)")
     bn_frozen_stage: BnStage1 = Field("frozen", description="BatchNorm in the head stage: frozen or train")
+    max_nonfinite: int = Field(20, ge=0, description="stop after this many steps with a non-finite loss")
     precision: Precision = Field("auto", description="auto: bf16 on CUDA (fp16 if no bf16), fp32 on CPU")
     deterministic: bool = Field(False, description="PyTorch deterministic algorithms")
     tensorboard: bool = Field(False, description="also log to RUN/tensorboard/")

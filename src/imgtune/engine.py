@@ -70,6 +70,10 @@ def set_rng_state(state: dict[str, Any], generator: torch.Generator | None = Non
         generator.set_state(state["loader"])
 
 
+class TrainingError(RuntimeError):
+    """Training cannot go on safely; the message says what was kept and what to change."""
+
+
 @dataclass
 class Stage:
     number: int
@@ -148,6 +152,7 @@ class Trainer:
         monitor: str = "valid_acc",
         progress: Progress | None = None,
         tensorboard: Any = None,
+        max_nonfinite: int = 20,
     ) -> None:
         self.model = model
         self.run = run
@@ -164,6 +169,7 @@ class Trainer:
         self.monitor = monitor
         self.progress = progress or SilentProgress()
         self.tensorboard = tensorboard
+        self.max_nonfinite = max_nonfinite
         self.state = TrainerState()
 
     # ------------------------------------------------------------------------------------------ one epoch
@@ -173,9 +179,16 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=enabled)
 
     def _non_finite(self, stage: Stage) -> None:
-        """Skip this step; under mixed precision switch to fp32 for the rest of the run."""
+        """Skip this step; under mixed precision switch to fp32 for the rest of the run; stop the run once
+        more than `max_nonfinite` steps were skipped (the data or the LR is broken, not one batch)."""
         stage.optimizer.zero_grad(set_to_none=True)
         self.state.skipped_steps += 1
+        if self.state.skipped_steps > self.max_nonfinite:
+            raise TrainingError(
+                f"stopped: {self.state.skipped_steps} steps had a non-finite loss (limit {self.max_nonfinite}); "
+                f"the checkpoints in {self.run.path / 'checkpoints'} hold the last finite weights. "
+                "Lower the LR, add --grad-clip, or check the data."
+            )
         if self.amp_dtype is not None:
             log.warning("non-finite loss under %s autocast: continuing in fp32", self.amp_dtype)
             self.amp_dtype = None
@@ -382,6 +395,12 @@ class Trainer:
         model_state = self.model.state_dict()
         if weights is not None and stage.module is self.model:
             model_state = weights  # inference uses the averaged weights
+        bad = [k for k, v in model_state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+        if bad:  # never replace a good checkpoint with broken weights
+            raise TrainingError(
+                f"weights became non-finite ({bad[:3]}...); {kind}.pt was not overwritten and keeps the last "
+                "finite weights. Lower the LR or add --grad-clip."
+            )
         payload: dict[str, Any] = {
             **self.checkpoint_base,
             "state_dict": model_state,

@@ -62,8 +62,8 @@ def open_image(source: Source) -> Image.Image:
         raise ImageError(path, "empty file" if empty else "not an image Pillow can read", "not_image") from None
     except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
         raise ImageError(path, f"decompression bomb refused ({e})", "bomb") from None
-    except OSError as e:
-        raise ImageError(path, f"cannot open: {e}") from None
+    except Exception as e:
+        raise ImageError(path, f"cannot open: {type(e).__name__}: {e}") from None
     w, h = im.size
     if w * h > MAX_PIXELS:
         im.close()
@@ -119,7 +119,9 @@ def load_rgb(path: Source, draft_size: int | None = None) -> torch.Tensor:
             arr = np.asarray(rgb, dtype=np.uint8)
     except ImageError:
         raise
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+    except Image.DecompressionBombError as e:
+        raise ImageError(_name(path), f"decompression bomb refused ({e})", "bomb") from None
+    except Exception as e:
         raise ImageError(_name(path), f"cannot decode: {e}") from None
     if arr.ndim != 3 or arr.shape[2] != 3:
         raise ImageError(_name(path), f"unexpected decoded shape {arr.shape}")

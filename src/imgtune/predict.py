@@ -264,6 +264,14 @@ def load_predictor(run: Path | str, device: str = "auto", backend: str = "torch"
     raise ValueError(f"backend {backend!r} is not one of torch, onnxruntime")
 
 
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def spreadsheet_safe(cell: str) -> str:
+    """A cell a spreadsheet would run as a formula gets a leading apostrophe (OWASP's CSV-injection advice)."""
+    return "'" + cell if cell.startswith(FORMULA_START) else cell
+
+
 def predictions_csv(rows: Sequence[Prediction], top_k: int) -> str:
     header = ["path", "label", "confidence"]
     for r in range(2, top_k + 1):
@@ -272,9 +280,9 @@ def predictions_csv(rows: Sequence[Prediction], top_k: int) -> str:
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(header)
     for row in rows:
-        cells: list[str] = [row.path]
+        cells: list[str] = [spreadsheet_safe(row.path)]
         for label, p in row.top[:top_k]:
-            cells += [label, f"{p:.6f}"]
+            cells += [spreadsheet_safe(label), f"{p:.6f}"]
         cells += [""] * (len(header) - len(cells))
         writer.writerow(cells)
     return buf.getvalue()

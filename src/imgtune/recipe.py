@@ -142,7 +142,7 @@ class Workbench:
             label_smoothing=tcfg.label_smoothing, class_weights=self.class_weights, grad_clip=tcfg.grad_clip,
             grad_clip_mode=tcfg.grad_clip_mode, accumulate=tcfg.accumulate,
             amp_dtype=amp_dtype_for(tcfg.precision, self.device), monitor=tcfg.monitor, progress=progress,
-            tensorboard=tensorboard,
+            tensorboard=tensorboard, max_nonfinite=tcfg.max_nonfinite,
         )  # fmt: skip
 
     def head_stage(self) -> Stage:
@@ -227,12 +227,12 @@ def _run(cfg: Config, progress: Progress | None, resume_from: RunFolder | None) 
     from_checkpoint = resume_from is not None and resume_from.last.is_file()
     if resume_from is None and cfg.out is not None:
         ensure_free(cfg.out)  # before minutes of caching, not after
+    # a damaged or hostile last.pt is refused before any data is prepared
+    last = load_checkpoint(resume_from.last) if resume_from is not None and from_checkpoint else None
     wb = prepare(cfg, load_pretrained=not from_checkpoint, split_file=split_file)
-    last: dict[str, Any] | None = None
     if resume_from is not None:
         run = resume_from
-        if run.last.is_file():
-            last = load_checkpoint(run.last)
+        if last is not None:
             log.info("resuming %s from epoch %d (stage %d)", run.path, last["epoch"], last["stage"])
         else:
             log.info("%s has no last.pt yet: starting it again from the beginning", run.path)

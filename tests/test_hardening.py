@@ -1,0 +1,149 @@
+"""Injected faults and hostile input: disk full, non-finite losses, malicious checkpoints, fuzzed images."""
+
+from __future__ import annotations
+
+import errno
+import io
+import os
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+from typer.testing import CliRunner
+
+from imgtune.checkpoint import DiskFullError, atomic_write_bytes
+from imgtune.cli import app
+from imgtune.engine import Stage, Trainer, TrainingError
+from imgtune.images import ImageError, load_rgb
+from imgtune.optim import LRSchedule, OptimSettings
+from imgtune.predict import Prediction, predictions_csv
+from imgtune.runs import RunFolder
+
+runner = CliRunner()
+
+
+def test_disk_full_keeps_the_previous_file_and_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    target = tmp_path / "checkpoints" / "last.pt"
+    atomic_write_bytes(target, b"the good checkpoint")
+
+    def no_space(fd: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", no_space)
+    with pytest.raises(DiskFullError, match=r"last.pt: no space left.*previous last.pt is intact"):
+        atomic_write_bytes(target, b"x" * 10_000)
+    monkeypatch.undo()
+    assert target.read_bytes() == b"the good checkpoint"
+    assert [p.name for p in target.parent.iterdir()] == ["last.pt"]  # no temporary leftovers
+
+
+class _AlwaysNaN(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x) * float("nan")
+
+
+def _stage(module: torch.nn.Module, batches: int) -> Stage:
+    opt = torch.optim.SGD(module.parameters(), lr=0.1)
+    data = [(torch.randn(4, 4), torch.tensor([0, 1, 0, 1]))] * batches
+    sched = LRSchedule(opt, OptimSettings(), batches, 1)
+    return Stage(1, "t", module, lambda: data, lambda: data, batches, 1, opt, sched, cheap_epochs=True, patience=None)
+
+
+def test_non_finite_losses_are_skipped_then_the_run_stops(tmp_path: Path) -> None:
+    module = _AlwaysNaN()
+    before = [p.detach().clone() for p in module.parameters()]
+    trainer = Trainer(module, RunFolder(tmp_path), {}, device=torch.device("cpu"), num_classes=2, max_nonfinite=5)
+    with pytest.raises(TrainingError, match="6 steps had a non-finite loss"):
+        trainer.train_epoch(_stage(module, 10))
+    assert trainer.state.skipped_steps == 6
+    assert all(torch.equal(a, b) for a, b in zip(before, module.parameters(), strict=True))  # no step applied
+
+
+def test_non_finite_weights_never_overwrite_a_checkpoint(tmp_path: Path) -> None:
+    module = torch.nn.Linear(4, 2)
+    run = RunFolder(tmp_path)
+    trainer = Trainer(module, run, {}, device=torch.device("cpu"), num_classes=2)
+    stage = _stage(module, 1)
+    trainer.save("last", stage)
+    good = run.last.read_bytes()
+    with torch.no_grad():
+        module.weight[0, 0] = float("inf")
+    with pytest.raises(TrainingError, match=r"last\.pt was not overwritten"):
+        trainer.save("last", stage)
+    assert run.last.read_bytes() == good
+
+
+class _Evil:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        return (Path.write_text, (self.marker, "pwned"))
+
+
+@pytest.mark.parametrize("command", ["resume", "eval", "predict", "export", "serve"])
+def test_malicious_pickle_is_refused_by_every_command(tmp_path: Path, command: str) -> None:
+    marker = tmp_path / "executed.txt"
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.yaml").write_text(f"data: {{path: {tmp_path}}}\n")
+    evil = pickle.dumps({"format": "imgtune-checkpoint", "payload": _Evil(marker)})
+    for name in ("best.pt", "last.pt"):
+        (run / "checkpoints" / name).write_bytes(evil)
+    Image.new("RGB", (8, 8)).save(tmp_path / "x.png")
+    args = {
+        "resume": ["train", "--resume", str(run)],
+        "eval": ["eval", str(run), str(tmp_path)],
+        "predict": ["predict", str(run / "checkpoints" / "best.pt"), str(tmp_path / "x.png")],
+        "export": ["export", str(run)],
+        "serve": ["serve", str(run), "--port", "0"],
+    }[command]
+    res = runner.invoke(app, args)
+    assert res.exit_code != 0
+    assert "refused" in str(res.exception) or "refused" in res.output
+    assert not marker.exists()  # the payload never ran
+
+
+def test_spreadsheet_formulas_are_escaped_in_predictions() -> None:
+    rows = [Prediction("=HYPERLINK(evil).png", [("+cmd", 0.9), ("@sum", 0.1)]), Prediction("-x.png", [("ok", 1.0)])]
+    text = predictions_csv(rows, 2)
+    assert "'=HYPERLINK(evil).png" in text and "'+cmd" in text and "'@sum" in text and "'-x.png" in text
+
+
+def _seed_images() -> list[bytes]:
+    out = []
+    for fmt in ("PNG", "JPEG", "GIF", "WEBP", "BMP", "TIFF"):
+        buf = io.BytesIO()
+        Image.new("RGB", (16, 12), (200, 100, 50)).save(buf, format=fmt)
+        out.append(buf.getvalue())
+    return out
+
+
+SEEDS = _seed_images()
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    seed=st.sampled_from(range(len(SEEDS))),
+    flips=st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)), max_size=12),
+    cut=st.integers(0, 10_000),
+)
+def test_fuzzed_image_bytes_give_a_tensor_or_a_clean_error(seed: int, flips: list[tuple[int, int]], cut: int) -> None:
+    data = bytearray(SEEDS[seed])
+    for pos, value in flips:
+        data[pos % len(data)] = value
+    data = data[: max(1, len(data) - cut % len(data))]
+    try:
+        t = load_rgb(io.BytesIO(bytes(data)))
+    except ImageError as e:
+        assert e.reason and e.kind in {"not_image", "bomb", "corrupt", "missing"}
+    else:
+        assert t.dtype == torch.uint8 and t.ndim == 3 and t.shape[0] == 3
