@@ -112,3 +112,52 @@ def test_resume_before_any_checkpoint_starts_over_from_pretrained_weights(
     assert "loaded offline ImageNet weights" in caplog.text
     assert again.best_valid_acc == pytest.approx(first.best_valid_acc)
     assert len(_rows(first.run_dir)) == 2
+
+
+def _start_and_wait(data: Path, out: Path, rows: int) -> subprocess.Popen[str]:
+    proc = subprocess.Popen(_args(data, out), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        metrics = out / "metrics.csv"
+        if metrics.is_file() and len(metrics.read_text().splitlines()) - 1 >= rows:
+            return proc
+        if proc.poll() is not None:
+            pytest.fail("training ended before it could be interrupted")
+        time.sleep(0.02)
+    proc.kill()
+    pytest.fail("training did not get far enough")
+
+
+@pytest.mark.slow
+def test_sigterm_finishes_the_step_writes_last_pt_and_resume_is_exact(
+    data: Path, reference: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "run"
+    proc = _start_and_wait(data, out, rows=4)
+    time.sleep(0.15)  # inside stage 2's second epoch
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert "stopping after the current step" in err and f"imgtune train --resume {out}" in err
+    last = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
+    in_epoch = last["train_state"]["in_epoch"]
+    assert in_epoch is None or in_epoch["batches_done"] > 0  # mid-epoch (usually) or at an epoch's end
+    res = subprocess.run([sys.executable, "-m", "imgtune", "train", "--resume", str(out)],
+                         capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert _rows(out) == _rows(reference)
+    for name in ("last.pt", "best.pt"):
+        ref, got = _weights(reference / "checkpoints" / name), _weights(out / "checkpoints" / name)
+        assert all(torch.equal(ref[k], got[k]) for k in ref), name
+    assert (out / "lr.csv").read_text() == (reference / "lr.csv").read_text()
+
+
+@pytest.mark.slow
+def test_second_interrupt_aborts_at_once(data: Path, tmp_path: Path) -> None:
+    proc = _start_and_wait(data, tmp_path / "run", rows=4)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    t0 = time.monotonic()
+    proc.communicate(timeout=60)
+    assert time.monotonic() - t0 < 10 and proc.returncode != 0

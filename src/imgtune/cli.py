@@ -17,7 +17,7 @@ import typer
 from imgtune.checkpoint import CheckpointError, DiskFullError
 from imgtune.config import Augment, Backend, CacheMode, ConfigError, Device, Optimizer, Schedule, build_config
 from imgtune.data import DataError
-from imgtune.engine import TrainingError
+from imgtune.engine import Interrupted, TrainingError
 from imgtune.export import ExportError
 from imgtune.images import ImageError
 from imgtune.models import ModelError
@@ -215,7 +215,10 @@ def train(
     print_config: Annotated[bool, typer.Option("--print-config", help="Print the resolved config and exit.")] = False,
 ) -> None:
     """Fine-tune a pretrained model: head on frozen features, then all layers; best checkpoint kept."""
+    from imgtune.engine import STOP
     from imgtune.progress import auto_progress
+
+    STOP.install()  # Ctrl-C / SIGTERM: finish the step, write last.pt, exit; twice: abort
 
     if resume is not None:
         from imgtune.recipe import resume as run_resume
@@ -425,6 +428,9 @@ def serve(
 def main() -> None:
     try:
         app()
+    except Interrupted as e:
+        typer.echo(f"interrupted: {e}", err=True)
+        sys.exit(130)
     except USER_ERRORS as e:
         typer.echo(f"error: {e}", err=True)
         sys.exit(2)

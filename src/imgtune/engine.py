@@ -59,6 +59,7 @@ def rng_state(generator: torch.Generator | None = None) -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any], generator: torch.Generator | None = None) -> None:
+    """Restore what rng_state saved; the loader generator only when one is given."""
     py = state["python"]
     random.setstate((py["version"], tuple(int(v) for v in py["internal"].tolist()), py["gauss"]))
     keys = state["numpy"]["keys"].numpy().astype(np.uint32)
@@ -72,6 +73,38 @@ def set_rng_state(state: dict[str, Any], generator: torch.Generator | None = Non
 
 class TrainingError(RuntimeError):
     """Training cannot go on safely; the message says what was kept and what to change."""
+
+
+class Interrupted(TrainingError):
+    """Stopped on request (SIGINT/SIGTERM) after a complete step, with last.pt written."""
+
+
+class StopRequest:
+    """Set by the first SIGINT/SIGTERM: the loop finishes its current step, saves and stops. A second
+    signal aborts at once. The CLI installs the handlers; library users may call `request()` themselves."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def request(self) -> None:
+        self.requested = True
+
+    def install(self) -> None:
+        import signal
+        import sys
+
+        def handler(signum: int, frame: Any) -> None:
+            if self.requested:
+                raise KeyboardInterrupt  # the second signal: abort now
+            self.requested = True
+            print(f"\n{signal.Signals(signum).name}: stopping after the current step "
+                  "(send it again to abort at once)", file=sys.stderr, flush=True)  # fmt: skip
+
+        signal.signal(signal.SIGINT, handler)
+        signal.signal(signal.SIGTERM, handler)
+
+
+STOP = StopRequest()
 
 
 @dataclass
@@ -171,6 +204,7 @@ class Trainer:
         self.tensorboard = tensorboard
         self.max_nonfinite = max_nonfinite
         self.state = TrainerState()
+        self.pending_epoch: dict[str, Any] | None = None  # a mid-epoch resume point from last.pt
 
     # ------------------------------------------------------------------------------------------ one epoch
 
@@ -212,10 +246,15 @@ class Trainer:
         if stage.ema is not None:
             stage.ema.update_parameters(stage.module)
 
-    def train_epoch(self, stage: Stage) -> EpochResult:
+    def train_epoch(self, stage: Stage, resume: dict[str, Any] | None = None) -> EpochResult:
+        """One pass over the training batches. `resume` (from a last.pt written mid-epoch) replays the epoch's
+        random draws, skips the batches already trained on, and continues from the very next step."""
         module, opt = stage.module, stage.optimizer
         module.train()
-        total_loss, correct, seen, lr_sum, steps, pending = 0.0, 0, 0, 0.0, 0, 0
+        acc: dict[str, Any] = (
+            dict(resume["acc"]) if resume else {"loss": 0.0, "correct": 0, "seen": 0, "lr_sum": 0.0, "steps": 0}
+        )
+        pending = 0
         task = (
             _SILENT_TASK
             if stage.cheap_epochs
@@ -223,8 +262,18 @@ class Trainer:
         )
         start = time.perf_counter()
         opt.zero_grad(set_to_none=True)
+        if resume is not None:
+            set_rng_state(resume["epoch_rng"], stage.generator)  # same shuffle, same worker seeds as before
+        epoch_rng = rng_state(stage.generator)
+        batches = iter(stage.train_batches())
+        done = int(resume["batches_done"]) if resume else 0
+        for _ in range(done):  # data only: reproduces the RNG draws of the batches already trained on
+            next(batches, None)
+        if resume is not None:
+            set_rng_state(resume["step_rng"])
+            task.advance(done)
         try:
-            for i, batch in enumerate(stage.train_batches()):
+            for i, batch in enumerate(batches, start=done):
                 if batch is None:  # every file of this batch was unreadable
                     continue
                 x = batch[0].to(self.device, non_blocking=True)
@@ -244,20 +293,34 @@ class Trainer:
                 pending += 1
                 if pending == self.accumulate or i + 1 >= stage.batches_per_epoch:
                     lr = opt.param_groups[-1]["lr"]  # the head's LR (last group): what this step used
-                    lr_sum += lr
-                    steps += 1
+                    acc["lr_sum"] += lr
+                    acc["steps"] += 1
                     self.state.lr_log.append([len(self.state.lr_log) + 1, stage.number, lr])
                     self._optimizer_step(stage)
                     pending = 0
                 n = len(hard)
-                total_loss += float(loss.detach()) * n
-                correct += int((logits.argmax(1) == hard).sum())
-                seen += n
+                acc["loss"] += float(loss.detach()) * n
+                acc["correct"] += int((logits.argmax(1) == hard).sum())
+                acc["seen"] += n
+                seen = acc["seen"]
                 elapsed = time.perf_counter() - start
-                task.advance(loss=total_loss / seen, acc=correct / seen, img_s=round(seen / max(elapsed, 1e-9)))
+                task.advance(loss=acc["loss"] / seen, acc=acc["correct"] / seen, img_s=round(seen / max(elapsed, 1e-9)))
+                if pending == 0 and STOP.requested and not stage.cheap_epochs and i + 1 < stage.batches_per_epoch:
+                    in_epoch = {"batches_done": i + 1, "epoch_rng": epoch_rng, "step_rng": rng_state(), "acc": acc}
+                    self.save("last", stage, in_epoch=in_epoch)
+                    raise Interrupted(self._stopped_message(f"epoch {self.state.epoch + 1}, step {i + 1}"))
         finally:
             task.close()
-        return EpochResult(total_loss / max(seen, 1), correct / max(seen, 1), seen, lr_sum / max(steps, 1))
+        seen = max(acc["seen"], 1)
+        return EpochResult(
+            acc["loss"] / seen, acc["correct"] / seen, int(acc["seen"]), acc["lr_sum"] / max(acc["steps"], 1)
+        )
+
+    def _stopped_message(self, where: str) -> str:
+        return (
+            f"stopped at {where}; {self.run.last} holds everything needed to continue exactly: "
+            f"imgtune train --resume {self.run.path}"
+        )
 
     @torch.inference_mode()
     def validate(self, module: nn.Module, batches: Iterable[Batch]) -> EpochResult:
@@ -310,7 +373,8 @@ class Trainer:
         stage_task = self.progress.task(f"stage {stage.number} epochs", stage.epochs) if stage.cheap_epochs else None
         while st.stage_epochs_done < stage.epochs:
             t0 = time.perf_counter()
-            train = self.train_epoch(stage)
+            train = self.train_epoch(stage, self.pending_epoch)
+            self.pending_epoch = None
             train_seconds = time.perf_counter() - t0
             evaluated = stage.ema.module if stage.ema is not None else stage.module
             valid = self.validate(evaluated, stage.valid_batches())
@@ -363,6 +427,8 @@ class Trainer:
                 self.save("last", stage)
             if st.stopped_early:
                 break
+            if STOP.requested and not stage.cheap_epochs:
+                raise Interrupted(self._stopped_message(f"the end of epoch {st.epoch}"))
         if stage_task is not None:
             stage_task.close()
         if stage.cheap_epochs:
@@ -390,7 +456,7 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------ checkpoints
 
-    def save(self, kind: str, stage: Stage) -> None:
+    def save(self, kind: str, stage: Stage, in_epoch: dict[str, Any] | None = None) -> None:
         weights = stage.ema.module.state_dict() if stage.ema is not None else None
         model_state = self.model.state_dict()
         if weights is not None and stage.module is self.model:
@@ -419,6 +485,7 @@ class Trainer:
                 "ema_n_averaged": stage.ema.n_averaged.clone() if stage.ema is not None else None,
                 "amp": str(self.amp_dtype) if self.amp_dtype is not None else None,
                 "rng": rng_state(stage.generator),
+                "in_epoch": in_epoch,  # set when stopped mid-epoch: where to continue inside the epoch
             }
         save_checkpoint(self.run.best if kind == "best" else self.run.last, payload)
 
@@ -437,5 +504,6 @@ class Trainer:
             stage.ema.module.load_state_dict(checkpoint_state)
             stage.ema.n_averaged.copy_(train_state["ema_n_averaged"])
         set_rng_state(train_state["rng"], stage.generator)
+        self.pending_epoch = train_state.get("in_epoch")
         self.run.write_metrics(self.state.rows)  # drop rows written after this checkpoint
         self.run.write_lr_log(self.state.lr_log)
