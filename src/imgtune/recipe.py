@@ -227,6 +227,9 @@ def _run(cfg: Config, progress: Progress | None, resume_from: RunFolder | None) 
     from_checkpoint = resume_from is not None and resume_from.last.is_file()
     if resume_from is None and cfg.out is not None:
         ensure_free(cfg.out)  # before minutes of caching, not after
+    if resume_from is not None:
+        for leftover in resume_from.clean_leftovers():
+            log.info("removed %s, left by an interrupted write", leftover)
     # a damaged or hostile last.pt is refused before any data is prepared
     last = load_checkpoint(resume_from.last) if resume_from is not None and from_checkpoint else None
     wb = prepare(cfg, load_pretrained=not from_checkpoint, split_file=split_file)

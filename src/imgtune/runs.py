@@ -67,6 +67,15 @@ class RunFolder:
     def last(self) -> Path:
         return self.path / "checkpoints" / "last.pt"
 
+    def clean_leftovers(self) -> list[Path]:
+        """Remove temporary files of writes that a crash interrupted (`.<name>.<random>.tmp`): the real
+        files next to them are complete, since every write ends in an atomic rename."""
+        removed = [p for folder in (self.path, self.path / "checkpoints") if folder.is_dir()
+                   for p in folder.glob(".*.tmp")]  # fmt: skip
+        for p in removed:
+            p.unlink(missing_ok=True)
+        return removed
+
     def write_json(self, path: Path, data: Any) -> None:
         atomic_write_text(path, json.dumps(data, indent=2) + "\n")
 
