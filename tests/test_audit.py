@@ -52,3 +52,19 @@ def test_check_one_class_is_not_trainable(tmp_path: Path) -> None:
         Image.new("RGB", (20, 20), (i, 0, 0)).save(tmp_path / "only" / f"{i}.png")
     res = runner.invoke(app, ["data", "check", str(tmp_path), "--json"])
     assert res.exit_code == 1 and json.loads(res.stdout)["trainable"] is False
+
+
+def test_near_duplicates_across_splits_and_fail_on_leak(make_dataset: Callable[..., Path]) -> None:
+    root = make_dataset(train=4, valid=2, test=0)
+    src = Image.open(root / "train" / "green" / "1.png").convert("RGB")
+    src.save(root / "valid" / "green" / "reencoded.jpg", quality=90)  # same picture, other bytes
+    src.resize((80, 80)).save(root / "valid" / "green" / "resized.png")
+    res = runner.invoke(app, ["data", "check", str(root), "--json"])
+    report = json.loads(res.stdout)
+    assert res.exit_code == 0 and not report["duplicates"]
+    pairs = {tuple(sorted(Path(f["path"]).name for f in d["files"])) for d in report["near_duplicates"]}
+    assert ("1.png", "reencoded.jpg") in pairs and ("1.png", "resized.png") in pairs
+    assert all(len(set(p)) == 2 for p in pairs) and len(pairs) == 2  # the other images are not flagged
+    assert any("near-duplicate" in w for w in report["warnings"])
+    res = runner.invoke(app, ["data", "check", str(root), "--fail-on-leak"])
+    assert res.exit_code == 1 and "leakage: 0 exact and 2 near-duplicate" in res.stdout

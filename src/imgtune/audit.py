@@ -10,6 +10,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
+from PIL import Image
+
 from imgtune.data import DataError, Split, load_split
 from imgtune.images import ImageError, load_rgb
 
@@ -25,6 +29,7 @@ class AuditReport:
     counts: dict[str, dict[str, int]] = field(default_factory=dict)  # split -> class -> readable images
     unreadable: list[dict[str, str]] = field(default_factory=list)  # {path, reason}
     duplicates: list[dict[str, Any]] = field(default_factory=list)  # exact copies across splits
+    near_duplicates: list[dict[str, Any]] = field(default_factory=list)  # perceptual-hash neighbours
     tiny: list[dict[str, Any]] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
@@ -56,17 +61,37 @@ class AuditReport:
         return "\n".join(lines)
 
 
-def _inspect(path: Path) -> tuple[str | None, tuple[int, int] | None, str]:
-    """(content hash, (width, height), reason-if-unreadable)."""
+def fingerprint(image: torch.Tensor) -> tuple[int, np.ndarray]:
+    """(64-bit difference hash, 16x16 grey thumbnail). The hash (Krawetz's dHash: one bit per horizontal
+    neighbour comparison on a 9x8 grey thumbnail) is cheap to compare for every pair and finds candidates;
+    the thumbnail decides, since on small centred objects (Fashion-MNIST) many different images have close
+    hashes, and on noisy images a re-encoded copy can flip several bits."""
+    grey = Image.fromarray(image.permute(1, 2, 0).numpy()).convert("L")
+    px = np.asarray(grey.resize((9, 8), Image.Resampling.BILINEAR), dtype=np.int16)
+    bits = (px[:, 1:] > px[:, :-1]).flatten()
+    thumb = np.asarray(grey.resize((16, 16), Image.Resampling.BILINEAR), dtype=np.uint8)
+    return int(np.packbits(bits).view(">u8")[0]), thumb
+
+
+def _inspect(path: Path) -> tuple[str | None, tuple[int, int] | None, str, tuple[int, np.ndarray] | None]:
+    """(content hash, (width, height), reason-if-unreadable, fingerprint)."""
     try:
         image = load_rgb(path)
     except ImageError as e:
-        return None, None, e.reason
+        return None, None, e.reason, None
     digest = hashlib.blake2b(path.read_bytes(), digest_size=16).hexdigest()
-    return digest, (int(image.shape[2]), int(image.shape[1])), ""
+    return digest, (int(image.shape[2]), int(image.shape[1])), "", fingerprint(image)
 
 
-def audit(root: Path | str, valid_fraction: float = 0.2, seed: int = 0) -> AuditReport:
+def audit(
+    root: Path | str,
+    valid_fraction: float = 0.2,
+    seed: int = 0,
+    near_tolerance: int | None = 3,
+    fail_on_leak: bool = False,
+) -> AuditReport:
+    """near_tolerance: mean grey-level difference of 16x16 thumbnails that still counts as a near-duplicate;
+    None switches the near-duplicate search off."""
     root = Path(root)
     try:
         split = load_split(root, valid_fraction, seed)
@@ -76,7 +101,12 @@ def audit(root: Path | str, valid_fraction: float = 0.2, seed: int = 0) -> Audit
     if split.test:
         layout += " + labelled test" if split.test_labelled else " + unlabelled test"
     report = AuditReport(str(root), layout, classes=list(split.classes), warnings=list(split.notes))
-    _inspect_files(report, split)
+    _inspect_files(report, split, near_tolerance)
+    if fail_on_leak and (report.duplicates or report.near_duplicates):
+        report.errors.append(
+            f"leakage: {len(report.duplicates)} exact and {len(report.near_duplicates)} near-duplicate image(s)"
+            " across splits (--fail-on-leak)"
+        )
     if len(split.classes) < 2:
         report.errors.append(f"need at least 2 classes with images, found {len(split.classes)}")
     if not split.valid:
@@ -88,7 +118,43 @@ def audit(root: Path | str, valid_fraction: float = 0.2, seed: int = 0) -> Audit
     return report
 
 
-def _inspect_files(report: AuditReport, split: Split) -> None:
+HASH_PREFILTER_BITS = 8  # candidates: dHashes within this many of 64 bits; thumbnails then decide
+
+
+def _near_duplicates(report: AuditReport, prints: dict[str, list[tuple[Any, str, str]]], tolerance: int) -> None:
+    """Pairs across splits whose 16x16 grey thumbnails differ by at most `tolerance` grey levels on average
+    (and which are not byte-identical: those are exact duplicates). dHash distance narrows the candidates:
+    all pairs are compared by popcount, only close ones by thumbnail."""
+    names = [n for n in ("train", "valid", "test") if prints.get(n)]
+    for k, first in enumerate(names):
+        a = prints[first]
+        ha = np.array([fp[0] for fp, _, _ in a], dtype=np.uint64)
+        ta = np.stack([fp[1] for fp, _, _ in a]).astype(np.int16).reshape(len(a), -1)
+        for second in names[k + 1 :]:
+            b = prints[second]
+            hb = np.array([fp[0] for fp, _, _ in b], dtype=np.uint64)
+            tb = np.stack([fp[1] for fp, _, _ in b]).astype(np.int16).reshape(len(b), -1)
+            for start in range(0, len(a), 256):
+                dist = np.bitwise_count(ha[start : start + 256, None] ^ hb[None, :])
+                ii, jj = np.nonzero(dist <= HASH_PREFILTER_BITS)
+                if not len(ii):
+                    continue
+                mad = np.abs(ta[start + ii] - tb[jj]).mean(axis=1)
+                for i, j, m in zip(ii + start, jj, mad, strict=True):
+                    if m <= tolerance and a[i][2] != b[j][2]:
+                        report.near_duplicates.append({"mean_abs_diff": round(float(m), 2), "files": [
+                            {"split": first, "path": a[i][1]}, {"split": second, "path": b[j][1]}]})  # fmt: skip
+    if report.near_duplicates:
+        shown = "; ".join(
+            " ~ ".join(f"{f['path']} ({f['split']})" for f in d["files"]) for d in report.near_duplicates[:3]
+        )
+        report.warnings.append(
+            f"{len(report.near_duplicates)} near-duplicate pair(s) across splits (16x16 thumbnails within "
+            f"{tolerance} grey levels): {shown}{' ...' if len(report.near_duplicates) > 3 else ''}"
+        )
+
+
+def _inspect_files(report: AuditReport, split: Split, near_tolerance: int | None) -> None:
     entries = [(name, s) for name, samples in split.subsets().items() for s in samples]
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
         results = list(pool.map(lambda e: _inspect(e[1].path), entries))
@@ -96,10 +162,12 @@ def _inspect_files(report: AuditReport, split: Split) -> None:
     for name in split.subsets():
         if split.subsets()[name]:
             report.counts[name] = {c: 0 for c in split.classes} if name != "test" or split.test_labelled else {}
-    for (name, sample), (digest, size, reason) in zip(entries, results, strict=True):
+    prints: dict[str, list[tuple[Any, str, str]]] = defaultdict(list)  # split -> (fingerprint, path, digest)
+    for (name, sample), (digest, size, reason, fp) in zip(entries, results, strict=True):
         if digest is None:
             report.unreadable.append({"path": str(sample.path), "reason": reason})
             continue
+        prints[name].append((fp, str(sample.path), digest))
         label = split.classes[sample.label] if sample.label >= 0 else "(unlabelled)"
         report.counts[name][label] = report.counts[name].get(label, 0) + 1
         by_hash[digest].append((name, str(sample.path)))
@@ -114,6 +182,8 @@ def _inspect_files(report: AuditReport, split: Split) -> None:
             f"{len(report.duplicates)} image(s) appear byte-for-byte in more than one split (leakage inflates "
             f"valid/test scores): {shown}{' ...' if len(report.duplicates) > 3 else ''}"
         )
+    if near_tolerance is not None:
+        _near_duplicates(report, prints, near_tolerance)
     if report.tiny:
         t = report.tiny[0]
         report.warnings.append(

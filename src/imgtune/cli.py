@@ -110,14 +110,22 @@ def data_check(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
     valid_fraction: Annotated[float, typer.Option(help="Share held out when imgtune splits.")] = 0.2,
     seed: Annotated[int, typer.Option()] = 0,
+    near_tolerance: Annotated[
+        int,
+        typer.Option(help="Near-duplicates: 16x16 grey thumbnails within N grey levels on average (-1: off)."),
+    ] = 3,
+    fail_on_leak: Annotated[
+        bool, typer.Option("--fail-on-leak", help="Exact or near duplicates across splits are an error.")
+    ] = False,
 ) -> None:
-    """Audit a dataset folder: classes, counts, unreadable files, duplicates across splits, tiny images.
+    """Audit a dataset folder: classes, counts, unreadable files, exact and near duplicates across splits,
+    tiny images.
 
     Exit status 0 when the folder is trainable, 1 when it is not.
     """
     from imgtune.audit import audit
 
-    report = audit(data, valid_fraction, seed)
+    report = audit(data, valid_fraction, seed, near_tolerance if near_tolerance >= 0 else None, fail_on_leak)
     typer.echo(json.dumps(report.to_dict(), indent=2) if as_json else report.format())
     raise typer.Exit(0 if report.trainable else 1)
 
