@@ -120,3 +120,27 @@ def test_jpeg_draft_decoding_keeps_at_least_the_target_size(tmp_path: Path) -> N
     Image.new("RGB", (800, 600), (90, 90, 90)).save(p)
     t = load_rgb(p, draft_size=100)
     assert min(t.shape[1:]) >= 100 and t.shape[1] < 600  # decoded at a reduced DCT scale
+
+
+@pytest.mark.parametrize(
+    ("size", "expected_centre"), [((1, 1), (9, 9, 9)), ((400, 3), (200, 0, 0)), ((3, 400), (200, 0, 0))]
+)
+def test_tiny_and_extreme_aspect_images_follow_the_one_rule(
+    tmp_path: Path, size: tuple[int, int], expected_centre: tuple[int, int, int]
+) -> None:
+    """Rule: shorter side resized to the input size, then the centre square cropped — for every shape."""
+    from imgtune.transforms import Preprocessing, prepare
+
+    p = tmp_path / "odd.png"
+    w, h = size
+    arr = np.zeros((h, w, 3), dtype=np.uint8)
+    arr[...] = (9, 9, 9) if size == (1, 1) else (0, 0, 0)
+    if size != (1, 1):  # a red middle third along the long side: what the centre crop must keep
+        if w > h:
+            arr[:, w // 3 : 2 * w // 3] = (200, 0, 0)
+        else:
+            arr[h // 3 : 2 * h // 3, :] = (200, 0, 0)
+    Image.fromarray(arr).save(p)
+    out = prepare(load_rgb(p), Preprocessing(img_size=32, mean=(0.5,) * 3, std=(0.5,) * 3))
+    assert out.shape == (3, 32, 32)
+    assert [int(v) for v in out[:, 16, 16]] == list(expected_centre)

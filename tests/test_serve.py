@@ -203,3 +203,21 @@ def test_web_page_in_headless_chromium(url: str, valid_images: list[tuple[Path, 
         browser.close()
     assert text.startswith(label) and bars == 3
     assert [u for u in external if not u.startswith("blob:")] == []  # no CDN, no external resources
+
+
+def test_exif_orientation_is_the_same_in_predict_and_the_server(url: str, run: Path, tmp_path: Path) -> None:
+    """One decoding path: an EXIF-rotated JPEG gets the same probabilities from predict and from the server."""
+    import numpy as np
+    from PIL import Image
+
+    arr = np.full((40, 64, 3), 170, dtype=np.uint8)
+    arr[:, :20] = (30, 170, 60)  # a green band that the rotation moves to the top
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    path = tmp_path / "rotated.jpg"
+    Image.fromarray(arr).save(path, exif=exif, quality=95)
+    rows, _ = imgtune.load(run).predict([path], top_k=3)
+    served = _post(url, (path.name, path.read_bytes())).json()[0]
+    assert served["label"] == rows[0].label
+    for (label, p), t in zip(rows[0].top, served["top_k"], strict=False):
+        assert t["label"] == label and abs(t["confidence"] - p) < 1e-5
