@@ -33,7 +33,7 @@ from imgtune.data import (
     make_loader,
     should_cache,
 )
-from imgtune.engine import Stage, Trainer, seed_everything
+from imgtune.engine import STOP, Stage, Trainer, seed_everything
 from imgtune.features import extract_features, tensor_batches
 from imgtune.metrics import EvalResult
 from imgtune.models import Classifier, create_model, param_groups, set_requires_grad, unfreeze_top
@@ -221,6 +221,7 @@ def prepare(cfg: Config, *, load_pretrained: bool = True, split_file: Path | Non
 
 def _run(cfg: Config, progress: Progress | None, resume_from: RunFolder | None) -> TrainResult:
     started = time.perf_counter()
+    STOP.requested = False  # a stop asked of an earlier run in this process is not one for this run
     tcfg = cfg.train
     split_file = resume_from.split if resume_from is not None and resume_from.split.is_file() else None
     # resuming from last.pt: its weights replace the pretrained ones, so don't load (or download) those
