@@ -180,3 +180,40 @@ def test_sigkill_during_atomic_writes_never_leaves_a_partial_file(tmp_path: Path
     assert removed and not list(target.parent.glob(".*.tmp"))
     assert target.read_bytes() in (b"A" * 30_000_000, b"B" * 30_000_000)
     print(f"temporary files removed after 12 kills: {len(removed)} (one planted)")
+
+
+def test_out_of_memory_halves_the_batch_and_restarts_the_stage(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """CUDA OOM is simulated (no GPU here): the model raises torch's OutOfMemoryError for batches over 4."""
+    import json
+
+    import yaml
+
+    import imgtune
+    from conftest import write_class_folders
+    from imgtune.models import Classifier
+
+    root = tmp_path / "ds"
+    write_class_folders(root / "train", 8, seed=1)
+    write_class_folders(root / "valid", 2, seed=2)
+    real_forward = Classifier.forward
+
+    def forward(self: Classifier, x: torch.Tensor) -> torch.Tensor:
+        if self.training and x.shape[0] > 4:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real_forward(self, x)
+
+    monkeypatch.setattr(Classifier, "forward", forward)
+    caplog.set_level("WARNING", logger="imgtune")
+    overrides = {"data.path": root, "out": tmp_path / "run", "data.img_size": 32, "data.batch_size": 16}
+    cfg = imgtune.build_config(overrides={**overrides, "train.epochs_frozen": 2, "train.epochs": 1})
+    result = imgtune.train(cfg)
+    assert "out of memory with batch size 16" in caplog.text and "with batch size 4" in caplog.text
+    assert yaml.safe_load((result.run_dir / "config.yaml").read_text())["data"]["batch_size"] == 4
+    summary = json.loads((result.run_dir / "summary.json").read_text())
+    assert summary["batch_size"] == 4 and summary["oom_retries"] == 2
+    rows = (result.run_dir / "metrics.csv").read_text().splitlines()
+    assert len(rows) == 1 + 2 + 1  # header, 2 head epochs, 1 fine-tuning epoch: no rows from failed attempts
+    last = torch.load(result.run_dir / "checkpoints" / "last.pt", weights_only=True)
+    assert last["config"]["data"]["batch_size"] == 4

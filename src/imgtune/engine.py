@@ -205,6 +205,7 @@ class Trainer:
         self.max_nonfinite = max_nonfinite
         self.state = TrainerState()
         self.pending_epoch: dict[str, Any] | None = None  # a mid-epoch resume point from last.pt
+        self.oom_retries = 0
 
     # ------------------------------------------------------------------------------------------ one epoch
 

@@ -6,10 +6,12 @@ rebuilds the same pieces from the run folder and continues from checkpoints/last
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import platform
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -261,21 +263,41 @@ def _run(cfg: Config, progress: Progress | None, resume_from: RunFolder | None) 
     trainer = wb.trainer(run, progress, tensorboard)
     resume_stage = int(last["stage"]) if last is not None else 0
 
-    def run_stage(stage: Stage) -> None:
-        if last is not None and resume_stage == stage.number:
-            trainer.restore(last["train_state"], stage, last["state_dict"])
-        elif tcfg.lr_find:
-            from imgtune.lrfind import tune_lr
+    def run_stage(make_stage: Callable[[], Stage]) -> None:
+        """Build and run a stage; on out-of-memory, restart it from its beginning with half the batch."""
+        weights = {k: v.detach().clone() for k, v in wb.model.state_dict().items()}
+        state = copy.deepcopy(trainer.state)
+        while True:
+            try:
+                stage = make_stage()  # feature extraction runs here: it can run out of memory too
+                if last is not None and resume_stage == stage.number:
+                    trainer.restore(last["train_state"], stage, last["state_dict"])
+                elif tcfg.lr_find:
+                    from imgtune.lrfind import tune_lr
 
-            tune_lr(stage, trainer, run.path / f"lr_find_stage{stage.number}.png")
-        trainer.run_stage(stage)
+                    tune_lr(stage, trainer, run.path / f"lr_find_stage{stage.number}.png")
+                trainer.run_stage(stage)
+                return
+            except torch.cuda.OutOfMemoryError:
+                old = wb.cfg.data.batch_size
+                if old <= 1:
+                    raise
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                wb.cfg = wb.cfg.model_copy(update={"data": wb.cfg.data.model_copy(update={"batch_size": old // 2})})
+                run.config.write_text(wb.cfg.to_yaml())  # the run's config says what it really trained with
+                trainer.checkpoint_base["config"] = wb.cfg.to_plain()
+                log.warning("out of memory with batch size %d: restarting the stage with batch size %d", old, old // 2)
+                wb.model.load_state_dict(weights)
+                trainer.state = copy.deepcopy(state)
+                trainer.oom_retries += 1
 
     if tcfg.epochs_frozen > 0 and wb.pretrained_start and resume_stage <= 1:
-        run_stage(wb.head_stage())
+        run_stage(wb.head_stage)
     elif tcfg.epochs_frozen > 0 and not wb.pretrained_start:
         log.info("training from scratch: no frozen-backbone stage (a random backbone has nothing to keep)")
     if tcfg.epochs > 0:
-        run_stage(wb.finetune_stage())
+        run_stage(wb.finetune_stage)
     if tensorboard is not None:
         tensorboard.close()
 
@@ -296,6 +318,8 @@ def _run(cfg: Config, progress: Progress | None, resume_from: RunFolder | None) 
         "epochs_run": st.epoch,
         "stopped_early": st.stopped_early,
         "skipped_steps": st.skipped_steps,
+        "batch_size": wb.cfg.data.batch_size,
+        "oom_retries": trainer.oom_retries,
         "classes": len(wb.split.classes),
         "train_images": len(wb.train_samples),
         "valid_images": len(wb.valid_samples),
