@@ -162,3 +162,17 @@ def test_real_fashion_mnist_end_to_end(tmp_path: Path) -> None:
     result = imgtune.train(cfg)
     assert result.test is not None and result.test.n == 10_000
     assert result.test.accuracy > 0.6  # 10 classes, 300 training images: chance is 0.1
+
+
+def test_predict_lists_every_input_once_and_every_unreadable_one(
+    trained: tuple[Path, Path, imgtune.TrainResult], tmp_path: Path
+) -> None:
+    root, run, _ = trained
+    one = root / "test" / "red" / "0.jpg"
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    result = imgtune.predict(run, [one, root / "test" / "red", str(root / "test" / "red" / "*.jpg"), bad])
+    paths = [r.path for r in result.rows]
+    assert len(paths) == len(set(paths)) == 5  # the file given three ways appears once
+    assert result.skipped == [{"path": str(bad), "reason": result.skipped[0]["reason"]}]
+    assert "cannot" in result.skipped[0]["reason"] or "not an image" in result.skipped[0]["reason"]

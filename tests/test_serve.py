@@ -221,3 +221,13 @@ def test_exif_orientation_is_the_same_in_predict_and_the_server(url: str, run: P
     assert served["label"] == rows[0].label
     for (label, p), t in zip(rows[0].top, served["top_k"], strict=False):
         assert t["label"] == label and abs(t["confidence"] - p) < 1e-5
+
+
+def test_no_endpoint_takes_a_path_or_a_model_from_the_client(run: Path) -> None:
+    from fastapi.routing import APIRoute
+
+    app = create_app(imgtune.load(run)).app  # type: ignore[attr-defined]  # BodyLimit wraps the FastAPI app
+    routes = {(r.path, tuple(sorted(r.methods))) for r in app.routes if isinstance(r, APIRoute)}
+    assert routes == {("/", ("GET",)), ("/health", ("GET",)), ("/classes", ("GET",)), ("/predict", ("POST",))}
+    predict = next(r for r in app.routes if isinstance(r, APIRoute) and r.path == "/predict")
+    assert {p.name for p in predict.dependant.query_params} == {"k"}  # only top-k: no path, no model name
