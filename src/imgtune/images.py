@@ -126,15 +126,3 @@ def load_rgb(path: Source, draft_size: int | None = None) -> torch.Tensor:
     if arr.ndim != 3 or arr.shape[2] != 3:
         raise ImageError(_name(path), f"unexpected decoded shape {arr.shape}")
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
-
-
-def image_size(path: Path | str) -> tuple[int, int]:
-    """(width, height) from the header, after EXIF orientation; raises ImageError like load_rgb."""
-    im = open_image(path)
-    with im:
-        w, h = im.size
-        try:
-            orientation = im.getexif().get(0x0112, 1)
-        except Exception:  # a broken EXIF block must not make a readable image unreadable
-            orientation = 1
-    return (h, w) if orientation in (5, 6, 7, 8) else (w, h)

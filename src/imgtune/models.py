@@ -11,7 +11,7 @@ from __future__ import annotations
 import difflib
 import importlib
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -317,10 +317,6 @@ def model_from_checkpoint(ckpt: dict[str, Any]) -> Classifier:
     model.std.copy_(torch.tensor(arch["std"]).view(1, 3, 1, 1) * 255)
     model.load_state_dict(ckpt["state_dict"])
     return model
-
-
-def batchnorm_modules(module: nn.Module) -> Iterator[nn.Module]:
-    return (m for m in module.modules() if isinstance(m, _BN_TYPES))
 
 
 def imagenet_class_names() -> list[str]:
