@@ -10,7 +10,7 @@ from pathlib import Path
 from imgtune.checkpoint import resolve_checkpoint
 from imgtune.data import DataError, find_split_folders, read_split_csv, scan_folder
 from imgtune.metrics import EvalResult
-from imgtune.predict import Prediction, Predictor, expand_inputs, load_predictor, write_predictions
+from imgtune.predict import Prediction, Predictor, expand_inputs, load_predictor, predictions_csv, write_predictions
 from imgtune.recipe import TrainResult, resume, train
 
 log = logging.getLogger(__name__)
@@ -70,6 +70,10 @@ class PredictResult:
     rows: list[Prediction]
     skipped: list[dict[str, str]]
     out: Path | None
+    top_k: int  # labels per row actually given (at most the number of classes)
+
+    def csv(self) -> str:
+        return predictions_csv(self.rows, self.top_k)
 
 
 def predict(
@@ -81,14 +85,16 @@ def predict(
     batch_size: int = 64,
     device: str = "auto",
     workers: int | None = None,
+    backend: str = "torch",
 ) -> PredictResult:
-    """Classify files, folders (recursively) and globs; optionally write the CSV `out`."""
-    predictor = load(run, device)
+    """Classify files, folders (recursively) and globs; optionally write the CSV `out` (atomically)."""
+    predictor = load(run, device, backend)
     paths = expand_inputs(inputs)
     rows, skipped = predictor.predict(paths, top_k=top_k, batch_size=batch_size, workers=workers)
+    k = max(1, min(top_k, len(predictor.classes)))
     if out is not None:
-        write_predictions(Path(out), rows, max(1, min(top_k, len(predictor.classes))))
-    return PredictResult(rows, skipped, Path(out) if out is not None else None)
+        write_predictions(Path(out), rows, k)
+    return PredictResult(rows, skipped, Path(out) if out is not None else None, k)
 
 
 __all__ = [

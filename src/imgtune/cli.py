@@ -376,20 +376,18 @@ def predict(
     backend: Annotated[Backend, typer.Option(help="torch (the checkpoint) or onnxruntime (RUN/model.onnx).")] = "torch",
 ) -> None:
     """Classify images; CSV columns path,label,confidence[,top2_label,top2_confidence,...]."""
-    from imgtune.api import load
-    from imgtune.predict import expand_inputs, predictions_csv, write_predictions
+    from imgtune.api import predict as run_predict
 
-    predictor = load(run, device, backend)
-    rows, skipped = predictor.predict(expand_inputs(paths), top_k=top_k, batch_size=batch_size, workers=workers)
-    k = max(1, min(top_k, len(predictor.classes)))
+    result = run_predict(
+        run, paths, out=out, top_k=top_k, batch_size=batch_size, device=device, workers=workers, backend=backend
+    )
     if out is None:
-        typer.echo(predictions_csv(rows, k), nl=False)
+        typer.echo(result.csv(), nl=False)
     else:
-        write_predictions(out, rows, k)
-        typer.echo(f"{len(rows)} predictions written to {out}", err=True)
-    if skipped:
-        typer.echo(f"{len(skipped)} unreadable file(s) skipped:", err=True)
-        for s in skipped:
+        typer.echo(f"{len(result.rows)} predictions written to {out}", err=True)
+    if result.skipped:
+        typer.echo(f"{len(result.skipped)} unreadable file(s) skipped:", err=True)
+        for s in result.skipped:
             typer.echo(f"  {s['path']}: {s['reason']}", err=True)
 
 
