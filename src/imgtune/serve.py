@@ -167,10 +167,12 @@ def create_app(
             raise HTTPException(401, "missing or wrong token: send 'Authorization: Bearer <token>'",
                                 headers={"WWW-Authenticate": "Bearer"})  # fmt: skip
 
+    config = {"requiresToken": token is not None, "topK": top_k, "maxUploadMb": max_upload_mb}
+    page_html = PAGE.read_text().replace("/*CONFIG*/{}", json.dumps(config))  # rendered once, not per request
+
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def page() -> str:
-        config = {"requiresToken": token is not None, "topK": top_k, "maxUploadMb": max_upload_mb}
-        return PAGE.read_text().replace("/*CONFIG*/{}", json.dumps(config))
+        return page_html
 
     @app.get("/health", dependencies=[Depends(authorize)])
     def health() -> dict[str, Any]:
