@@ -15,13 +15,24 @@ from typing import Annotated, Any
 import typer
 
 from imgtune.checkpoint import CheckpointError, DiskFullError
-from imgtune.config import Augment, Backend, CacheMode, ConfigError, Device, Optimizer, Schedule, build_config
+from imgtune.config import (
+    RECIPES,
+    Augment,
+    Backend,
+    CacheMode,
+    ConfigError,
+    Device,
+    Optimizer,
+    Schedule,
+    build_config,
+)
 from imgtune.data import DataError
 from imgtune.engine import Interrupted, TrainingError
 from imgtune.export import ExportError
 from imgtune.images import ImageError
 from imgtune.models import ModelError
 from imgtune.predict import InputError
+from imgtune.scratch import is_builtin
 from imgtune.sources import SourceError
 
 app = typer.Typer(
@@ -162,7 +173,12 @@ def train(
     ] = None,
     config: Annotated[Path | None, typer.Option("--config", help="YAML config; flags override it.")] = None,
     resume: Annotated[Path | None, typer.Option(help="Continue an interrupted run folder from its last.pt.")] = None,
-    model: Annotated[str | None, typer.Option(help="timm model name [tf_efficientnet_lite0].")] = None,
+    model: Annotated[
+        str | None, typer.Option(help="timm model name or built-in cnn5, vgg16_bn_cifar, resnet18_cifar.")
+    ] = None,
+    recipe: Annotated[
+        str | None, typer.Option(help="Defaults: transfer or scratch [scratch for built-in models, else transfer].")
+    ] = None,
     pretrained: Annotated[
         bool | None, typer.Option("--pretrained/--scratch", help="ImageNet weights or random init [pretrained].")
     ] = None,
@@ -285,7 +301,14 @@ def train(
         "seed": seed,
         "device": device,
     }
-    cfg = build_config(config, overrides, explicit=_parse_sets(set_))
+    explicit = _parse_sets(set_)
+    cfg = build_config(config, overrides, explicit=explicit)
+    chosen = recipe or ("scratch" if is_builtin(cfg.model.name) else "transfer")
+    if chosen not in RECIPES:
+        raise ConfigError(f"--recipe {chosen!r}: choose one of {', '.join(RECIPES)}")
+    if RECIPES[chosen]:  # the recipe's defaults sit under the config file and the flags
+        cfg = build_config(config, overrides, base=RECIPES[chosen], explicit=explicit)
+        logging.getLogger("imgtune").info("recipe: %s", chosen)
     if print_config:
         typer.echo(cfg.to_yaml(), nl=False)
         return

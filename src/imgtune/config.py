@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from imgtune.optim import OptimSettings
 
-Augment = Literal["none", "light", "standard", "strong"]
+Augment = Literal["none", "light", "padcrop", "standard", "strong"]
 Device = Literal["auto", "cpu", "cuda"]
 Backend = Literal["torch", "onnxruntime"]
 CacheMode = Literal["auto", "ram", "none"]
@@ -169,6 +169,30 @@ class Config(_Section):
     def to_plain(self) -> dict[str, Any]:
         """JSON/YAML-safe dict (paths as strings): what goes into config.yaml and checkpoints."""
         return self.model_dump(mode="json")
+
+
+# Bundles of defaults under the user's file and flags. "scratch" is the classic from-scratch recipe for small
+# images (CIFAR-style ResNet/VGG training): SGD + Nesterov momentum, weight decay 5e-4, one-cycle to LR 0.1 at
+# batch 128, pad-and-crop + flip, label smoothing, no early stop (a one-cycle schedule must run to its end).
+RECIPES: dict[str, dict[str, Any]] = {
+    "transfer": {},
+    "scratch": {
+        "model": {"pretrained": False},
+        "data": {"img_size": 32, "batch_size": 128, "augment": "padcrop"},
+        "train": {
+            "epochs_frozen": 0,
+            "epochs": 30,
+            "optimizer": "sgd",
+            "lr": 0.1,
+            "momentum": 0.9,
+            "nesterov": True,
+            "weight_decay": 5e-4,
+            "schedule": "onecycle",
+            "label_smoothing": 0.1,
+            "patience": None,
+        },
+    },
+}
 
 
 def _format_error(err: ValidationError) -> str:

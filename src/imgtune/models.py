@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from imgtune.checkpoint import CheckpointError, safe_torch_load
+from imgtune.scratch import BUILTIN, MEAN, STD
 from imgtune.transforms import Preprocessing
 
 log = logging.getLogger(__name__)
@@ -161,11 +162,16 @@ def make_head(
     return nn.Sequential(*layers)
 
 
+def has_pretrained_weights(name: str) -> bool:
+    """False for the built-in from-scratch architectures; timm models may have some (the hub decides)."""
+    return name not in BUILTIN
+
+
 def _check_name(name: str) -> None:
     import timm
 
     if not timm.is_model(name):
-        close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
+        close = difflib.get_close_matches(name, [*BUILTIN, *timm.list_models()], n=5, cutoff=0.6)
         hint = f" Did you mean: {', '.join(close)}?" if close else " `timm.list_models('*pattern*')` lists them."
         raise ModelError(f"unknown model {name!r}.{hint}")
 
@@ -268,16 +274,29 @@ def create_model(
     head_dropout: float = 0.0,
 ) -> Classifier:
     """A Classifier for `num_classes`. With num_classes=1000 and ImageNet weights the ImageNet head is kept."""
-    _check_name(name)
     if num_classes < 1:
         raise ModelError(f"num_classes must be at least 1, got {num_classes}")
-    net = _timm_model(name, pretrained and weights is None)
-    if weights is not None:
-        _load_weights_file(net, Path(weights))
-    old_head = net.get_classifier()  # type: ignore[operator]
-    cfg = getattr(net, "pretrained_cfg", {}) or {}
-    net.reset_classifier(0)  # type: ignore[operator]
-    num_features = int(getattr(net, "head_hidden_size", None) or net.num_features)  # type: ignore[arg-type]
+    builtin = BUILTIN.get(name)
+    old_head: nn.Module | None = None
+    if builtin is not None:
+        if pretrained and weights is None:
+            log.info("%s is a built-in architecture without pretrained weights: random init", name)
+        net: nn.Module = builtin.make()
+        cfg: dict[str, Any] = {"mean": MEAN, "std": STD, "input_size": (3, builtin.input_size, builtin.input_size)}
+        if not head:  # the architecture's own head unless the user chose one
+            head, head_dropout = builtin.head, builtin.head_dropout
+        if weights is not None:
+            _load_weights_file(net, Path(weights))
+        num_features = int(net.num_features)  # type: ignore[arg-type]
+    else:
+        _check_name(name)
+        net = _timm_model(name, pretrained and weights is None)
+        if weights is not None:
+            _load_weights_file(net, Path(weights))
+        old_head = net.get_classifier()  # type: ignore[operator]
+        cfg = getattr(net, "pretrained_cfg", {}) or {}
+        net.reset_classifier(0)  # type: ignore[operator]
+        num_features = int(getattr(net, "head_hidden_size", None) or net.num_features)  # type: ignore[arg-type]
     new_head = make_head(num_features, num_classes, dropout, head, head_dropout)
     if (
         (pretrained or weights)

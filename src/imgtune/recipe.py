@@ -38,7 +38,14 @@ from imgtune.data import (
 from imgtune.engine import STOP, Stage, Trainer, seed_everything
 from imgtune.features import extract_features, tensor_batches
 from imgtune.metrics import EvalResult
-from imgtune.models import Classifier, create_model, param_groups, set_requires_grad, unfreeze_top
+from imgtune.models import (
+    Classifier,
+    create_model,
+    has_pretrained_weights,
+    param_groups,
+    set_requires_grad,
+    unfreeze_top,
+)
 from imgtune.optim import LRSchedule, make_optimizer
 from imgtune.predict import TorchPredictor, pick_device
 from imgtune.progress import Progress
@@ -204,7 +211,8 @@ def prepare(cfg: Config, *, load_pretrained: bool = True, split_file: Path | Non
         split=split,
         model=model,
         prep=prep,
-        pretrained_start=cfg.model.pretrained or cfg.model.weights is not None,
+        pretrained_start=(cfg.model.pretrained and has_pretrained_weights(cfg.model.name))
+        or cfg.model.weights is not None,
         train_samples=train_samples,
         valid_samples=valid_samples,
         skipped=skipped,

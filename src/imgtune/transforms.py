@@ -75,6 +75,8 @@ def augmentation(preset: Augment, prep: Preprocessing, random_erasing: float = 0
     presets: dict[str, list[v2.Transform]] = {
         "none": [],
         "light": [v2.RandomHorizontalFlip()],
+        # the from-scratch classic for small images: shift by up to 1/8 of the size, mirror
+        "padcrop": [v2.RandomCrop(s, padding=max(1, s // 8), padding_mode="reflect"), v2.RandomHorizontalFlip()],
         "standard": [
             crop(0.6),
             v2.RandomHorizontalFlip(),
