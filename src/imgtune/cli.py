@@ -27,6 +27,7 @@ from imgtune.config import (
     build_config,
 )
 from imgtune.data import DataError
+from imgtune.distributed import DistributedError, env_rank, teardown
 from imgtune.engine import Interrupted, TrainingError
 from imgtune.export import ExportError
 from imgtune.images import ImageError
@@ -56,6 +57,7 @@ USER_ERRORS = (
     ExportError,
     TrainingError,
     DiskFullError,
+    DistributedError,
 )
 
 
@@ -69,6 +71,8 @@ class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg,unused-ign
 
 def _setup_logging(verbose: bool) -> None:
     level = logging.DEBUG if verbose else logging.INFO
+    if env_rank() != 0:
+        level = logging.WARNING  # under torchrun: rank 0 logs progress, the others only their problems
     handler: logging.Handler
     if sys.stderr.isatty():
         from rich.logging import RichHandler
@@ -359,6 +363,8 @@ def _float(text: str, flag: str) -> float:
 
 
 def _report(result: Any) -> None:
+    if env_rank() != 0:  # under torchrun rank 0 speaks for all
+        return
     typer.echo(f"best valid accuracy {result.best_valid_acc:.4f} (epoch {result.best_epoch})")
     if result.test is not None:
         typer.echo(f"test accuracy {result.test.accuracy:.4f} on {result.test.n} images")
@@ -458,7 +464,8 @@ def main() -> None:
     try:
         app()
     except Interrupted as e:
-        typer.echo(f"interrupted: {e}", err=True)
+        if env_rank() == 0:
+            typer.echo(f"interrupted: {e}", err=True)
         sys.exit(130)
     except USER_ERRORS as e:
         typer.echo(f"error: {e}", err=True)
@@ -466,3 +473,5 @@ def main() -> None:
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         sys.exit(130)
+    finally:
+        teardown()  # leave torchrun's process group cleanly (nothing to do outside torchrun)

@@ -28,6 +28,7 @@ Precision = Literal["auto", "fp32", "bf16", "fp16"]
 ClipMode = Literal["norm", "value"]
 BnPolicy = Literal["auto", "frozen", "train"]
 BnStage1 = Literal["frozen", "train"]
+LrScaling = Literal["none", "linear", "sqrt"]
 
 
 class ConfigError(ValueError):
@@ -116,6 +117,10 @@ class TrainConfig(_Section):
     bn: BnPolicy = Field("auto", description="BatchNorm statistics while fine-tuning (auto: frozen if pretrained)")
     bn_frozen_stage: BnStage1 = Field("frozen", description="BatchNorm in the head stage: frozen or train")
     max_nonfinite: int = Field(20, ge=0, description="stop after this many steps with a non-finite loss")
+    lr_scaling: LrScaling = Field(
+        "none", description="under torchrun: LRs x world size (linear) or x its square root (sqrt), or as given"
+    )
+    sync_bn: bool = Field(False, description="under torchrun on GPUs: BatchNorm statistics over the global batch")
     precision: Precision = Field("auto", description="auto: bf16 on CUDA (fp16 if no bf16), fp32 on CPU")
     deterministic: bool = Field(False, description="PyTorch deterministic algorithms")
     tensorboard: bool = Field(False, description="also log to RUN/tensorboard/")

@@ -7,6 +7,7 @@ Both go through the same `train_epoch`/`validate` code: a batch is (inputs, labe
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import random
@@ -18,8 +19,10 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.data import DistributedSampler
 
 from imgtune.checkpoint import save_checkpoint
+from imgtune.distributed import Dist, unwrap
 from imgtune.optim import LRSchedule
 from imgtune.progress import Progress, SilentProgress, SilentTask
 from imgtune.runs import RunFolder
@@ -153,9 +156,8 @@ class TrainerState:
     lr_log: list[list[float]] = field(default_factory=list)  # [global optimizer step, stage, head LR]
 
 
-def _macro_scores(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> tuple[float, float]:
-    """(macro F1, balanced accuracy) over the classes present in target."""
-    cm = torch.bincount(target * num_classes + pred, minlength=num_classes**2).view(num_classes, num_classes)
+def _macro_scores(cm: torch.Tensor) -> tuple[float, float]:
+    """(macro F1, balanced accuracy) from a confusion matrix (rows: true class), over the classes present."""
     tp = cm.diag().double()
     support, predicted = cm.sum(1).double(), cm.sum(0).double()
     present = support > 0
@@ -186,8 +188,10 @@ class Trainer:
         progress: Progress | None = None,
         tensorboard: Any = None,
         max_nonfinite: int = 20,
+        dist: Dist | None = None,
     ) -> None:
         self.model = model
+        self.dist = dist or Dist()
         self.run = run
         self.checkpoint_base = checkpoint_base
         self.device = device
@@ -245,7 +249,7 @@ class Trainer:
         opt.zero_grad(set_to_none=True)
         stage.scheduler.step()
         if stage.ema is not None:
-            stage.ema.update_parameters(stage.module)
+            stage.ema.update_parameters(unwrap(stage.module))
 
     def train_epoch(self, stage: Stage, resume: dict[str, Any] | None = None) -> EpochResult:
         """One pass over the training batches. `resume` (from a last.pt written mid-epoch) replays the epoch's
@@ -266,16 +270,27 @@ class Trainer:
         if resume is not None:
             set_rng_state(resume["epoch_rng"], stage.generator)  # same shuffle, same worker seeds as before
         epoch_rng = rng_state(stage.generator)
-        batches = iter(stage.train_batches())
+        source = stage.train_batches()
+        sampler = getattr(source, "sampler", None)
+        if isinstance(sampler, DistributedSampler):  # a new shuffle each epoch, the same on all ranks
+            sampler.set_epoch(self.state.epoch)
+        batches = iter(source)
         done = int(resume["batches_done"]) if resume else 0
         for _ in range(done):  # data only: reproduces the RNG draws of the batches already trained on
             next(batches, None)
         if resume is not None:
             set_rng_state(resume["step_rng"])
             task.advance(done)
+        d = self.dist
+        stop = False
         try:
             for i, batch in enumerate(batches, start=done):
-                if batch is None:  # every file of this batch was unreadable
+                if d.enabled:  # agreed before the forward pass: DDP needs every rank in every step
+                    empty, stop_now = d.any(batch is None, STOP.requested)
+                    stop = stop or stop_now
+                else:
+                    empty, stop = batch is None, STOP.requested
+                if empty or batch is None:  # every file of this batch was unreadable (on some rank)
                     continue
                 x = batch[0].to(self.device, non_blocking=True)
                 y = batch[1].to(self.device, non_blocking=True)
@@ -286,13 +301,18 @@ class Trainer:
                 with self._autocast():
                     logits = module(x)
                 loss = self.train_loss(logits.float(), y)
-                if not torch.isfinite(loss):
+                (non_finite,) = d.any(not bool(torch.isfinite(loss)))
+                if non_finite:  # on any rank: all skip this step together
                     self._non_finite(stage)
                     pending = 0
                     continue
-                self.scaler.scale(loss / self.accumulate).backward()
+                last_micro = pending + 1 == self.accumulate or i + 1 >= stage.batches_per_epoch
+                no_sync = getattr(module, "no_sync", None)  # DDP's
+                sync = no_sync() if no_sync is not None and not last_micro else contextlib.nullcontext()
+                with sync:  # accumulating under DDP: all-reduce gradients only on the last micro-batch
+                    self.scaler.scale(loss / self.accumulate).backward()
                 pending += 1
-                if pending == self.accumulate or i + 1 >= stage.batches_per_epoch:
+                if last_micro:
                     lr = opt.param_groups[-1]["lr"]  # the head's LR (last group): what this step used
                     acc["lr_sum"] += lr
                     acc["steps"] += 1
@@ -306,29 +326,32 @@ class Trainer:
                 seen = acc["seen"]
                 elapsed = time.perf_counter() - start
                 task.advance(loss=acc["loss"] / seen, acc=acc["correct"] / seen, img_s=round(seen / max(elapsed, 1e-9)))
-                if pending == 0 and STOP.requested and not stage.cheap_epochs and i + 1 < stage.batches_per_epoch:
+                halt = stop if d.enabled else STOP.requested  # one process: also a signal during this step
+                if pending == 0 and halt and not stage.cheap_epochs and i + 1 < stage.batches_per_epoch:
                     in_epoch = {"batches_done": i + 1, "epoch_rng": epoch_rng, "step_rng": rng_state(), "acc": acc}
                     self.save("last", stage, in_epoch=in_epoch)
                     raise Interrupted(self._stopped_message(f"epoch {self.state.epoch + 1}, step {i + 1}"))
         finally:
             task.close()
-        seen = max(acc["seen"], 1)
-        return EpochResult(
-            acc["loss"] / seen, acc["correct"] / seen, int(acc["seen"]), acc["lr_sum"] / max(acc["steps"], 1)
-        )
+        totals = d.sum(torch.tensor([acc["loss"], acc["correct"], acc["seen"]], dtype=torch.float64)).tolist()
+        n = max(totals[2], 1.0)
+        return EpochResult(totals[0] / n, totals[1] / n, int(totals[2]), acc["lr_sum"] / max(acc["steps"], 1))
 
     def _stopped_message(self, where: str) -> str:
-        return (
-            f"stopped at {where}; {self.run.last} holds everything needed to continue exactly: "
-            f"imgtune train --resume {self.run.path}"
-        )
+        command = f"imgtune train --resume {self.run.path}"
+        if self.dist.enabled:
+            command = f"torchrun <the same options, {self.dist.world} processes> -m {command}"
+        return f"stopped at {where}; {self.run.last} holds everything needed to continue exactly: {command}"
 
     @torch.inference_mode()
     def validate(self, module: nn.Module, batches: Iterable[Batch]) -> EpochResult:
+        """Loss and confusion matrix over this rank's batches, summed over ranks (disjoint shards: exact)."""
+        module = unwrap(module)  # no collectives inside: ranks may hold different numbers of batches
         was_training = module.training
         module.eval()
-        total_loss, seen = 0.0, 0
-        preds, targets = [], []
+        k = self.num_classes
+        total_loss = torch.zeros((), dtype=torch.float64)
+        cm = torch.zeros(k * k, dtype=torch.float64)
         for batch in batches:
             if batch is None:
                 continue
@@ -336,16 +359,15 @@ class Trainer:
             with self._autocast():
                 logits = module(x).float()
             total_loss += float(self.eval_loss(logits, y))
-            preds.append(logits.argmax(1).cpu())
-            targets.append(y.cpu())
-            seen += len(y)
+            cm += torch.bincount((y * k + logits.argmax(1)).cpu(), minlength=k * k).double()
         module.train(was_training)
+        sums = self.dist.sum(torch.cat([total_loss.view(1), cm]))
+        total_loss, cm = sums[0], sums[1:].view(k, k)
+        seen = int(cm.sum())
         if not seen:
             return EpochResult(float("nan"), 0.0, 0)
-        pred, target = torch.cat(preds), torch.cat(targets)
-        f1, bal = _macro_scores(pred, target, self.num_classes)
-        acc = float((pred == target).float().mean())
-        return EpochResult(total_loss / seen, acc, seen, macro_f1=f1, balanced_acc=bal)
+        f1, bal = _macro_scores(cm)
+        return EpochResult(float(total_loss) / seen, float(cm.diag().sum()) / seen, seen, macro_f1=f1, balanced_acc=bal)
 
     # -------------------------------------------------------------------------------------------- a stage
 
@@ -399,9 +421,10 @@ class Trainer:
                 "raw_valid_acc": raw.acc if raw is not None else "",
             }
             st.rows.append(row)
-            self.run.write_metrics(st.rows)
-            self.run.write_lr_log(st.lr_log)
-            self._log_tensorboard(row)
+            if self.dist.is_main:
+                self.run.write_metrics(st.rows)
+                self.run.write_lr_log(st.lr_log)
+                self._log_tensorboard(row)
             if stage_task is not None:
                 stage_task.advance(train_acc=train.acc, valid_acc=valid.acc)
             score = self._score(valid)
@@ -411,7 +434,7 @@ class Trainer:
             if self._better(score, st.stage_best):
                 st.stage_best, st.bad_epochs = score, 0
                 if stage.cheap_epochs:
-                    best_in_stage = {k: v.detach().clone() for k, v in stage.module.state_dict().items()}
+                    best_in_stage = {k: v.detach().clone() for k, v in unwrap(stage.module).state_dict().items()}
             else:
                 st.bad_epochs += 1
             if stage.patience is not None and st.bad_epochs >= stage.patience:
@@ -428,13 +451,14 @@ class Trainer:
                 self.save("last", stage)
             if st.stopped_early:
                 break
-            if STOP.requested and not stage.cheap_epochs:
+            # also a signal that arrived during validation; under torchrun, on any rank
+            if not stage.cheap_epochs and self.dist.any(STOP.requested)[0]:
                 raise Interrupted(self._stopped_message(f"the end of epoch {st.epoch}"))
         if stage_task is not None:
             stage_task.close()
         if stage.cheap_epochs:
             if best_in_stage is not None:
-                stage.module.load_state_dict(best_in_stage)  # continue from the best head, not the last
+                unwrap(stage.module).load_state_dict(best_in_stage)  # continue from the best head, not the last
             stage_rows = [r for r in st.rows if r["stage"] == stage.number]
             best_row = max(stage_rows, key=lambda r: r["valid_acc"])
             log.info(
@@ -460,7 +484,7 @@ class Trainer:
     def save(self, kind: str, stage: Stage, in_epoch: dict[str, Any] | None = None) -> None:
         weights = stage.ema.module.state_dict() if stage.ema is not None else None
         model_state = self.model.state_dict()
-        if weights is not None and stage.module is self.model:
+        if weights is not None and unwrap(stage.module) is self.model:
             model_state = weights  # inference uses the averaged weights
         bad = [k for k, v in model_state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
         if bad:  # never replace a good checkpoint with broken weights
@@ -476,6 +500,11 @@ class Trainer:
             "best_valid_acc": self.state.best_acc,
             "best_epoch": self.state.best_epoch,
         }
+        rank_state = {"rng": rng_state(stage.generator), "in_epoch": in_epoch}
+        # every rank's RNG and place in its shard (collective: all ranks save together; rank 0 writes)
+        rank_states = self.dist.gather_objects(rank_state) if kind == "last" else []
+        if not self.dist.is_main:
+            return
         if kind == "last":  # what an exact resume needs
             payload["train_state"] = {
                 "trainer": vars(self.state).copy(),
@@ -485,9 +514,12 @@ class Trainer:
                 "scaler": self.scaler.state_dict(),
                 "ema_n_averaged": stage.ema.n_averaged.clone() if stage.ema is not None else None,
                 "amp": str(self.amp_dtype) if self.amp_dtype is not None else None,
-                "rng": rng_state(stage.generator),
+                "rng": rank_state["rng"],
                 "in_epoch": in_epoch,  # set when stopped mid-epoch: where to continue inside the epoch
+                "world_size": self.dist.world,
             }
+            if self.dist.enabled:
+                payload["train_state"]["ranks"] = rank_states
         save_checkpoint(self.run.best if kind == "best" else self.run.last, payload)
 
     def restore(self, train_state: dict[str, Any], stage: Stage, checkpoint_state: dict[str, torch.Tensor]) -> None:
@@ -504,7 +536,25 @@ class Trainer:
         if stage.ema is not None and train_state.get("ema_n_averaged") is not None:
             stage.ema.module.load_state_dict(checkpoint_state)
             stage.ema.n_averaged.copy_(train_state["ema_n_averaged"])
-        set_rng_state(train_state["rng"], stage.generator)
-        self.pending_epoch = train_state.get("in_epoch")
-        self.run.write_metrics(self.state.rows)  # drop rows written after this checkpoint
-        self.run.write_lr_log(self.state.lr_log)
+        own = self._own_rank_state(train_state)
+        set_rng_state(own["rng"], stage.generator)
+        self.pending_epoch = own["in_epoch"]
+        if self.dist.is_main:
+            self.run.write_metrics(self.state.rows)  # drop rows written after this checkpoint
+            self.run.write_lr_log(self.state.lr_log)
+
+    def _own_rank_state(self, train_state: dict[str, Any]) -> dict[str, Any]:
+        """This rank's RNG and in-epoch position. A different number of processes cannot continue inside an
+        epoch (the shards differ); at an epoch boundary it can, with fresh per-rank random streams."""
+        saved_world = int(train_state.get("world_size", 1))
+        if saved_world == self.dist.world:
+            ranks = train_state.get("ranks")
+            return ranks[self.dist.rank] if ranks else {"rng": train_state["rng"], "in_epoch": train_state["in_epoch"]}
+        if train_state.get("in_epoch") is not None:
+            raise TrainingError(
+                f"{self.run.last} was written mid-epoch by {saved_world} process(es); resume it with the same "
+                f"number (torchrun --nproc-per-node ...), not {self.dist.world}"
+            )
+        log.warning("resuming a %d-process run with %d processes: it continues, but not bit for bit",
+                    saved_world, self.dist.world)  # fmt: skip
+        return {"rng": train_state["rng"], "in_epoch": None}

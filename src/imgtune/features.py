@@ -6,6 +6,7 @@ changes, so recomputing it every epoch - what the tutorials do - wastes nearly a
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Iterator
 
 import torch
@@ -43,9 +44,17 @@ def tensor_batches(
     *,
     shuffle: bool,
     generator: torch.Generator | None = None,
+    shard: tuple[int, int] = (0, 1),
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Mini-batches straight from in-memory tensors: far cheaper than a DataLoader for tiny items."""
+    """Mini-batches straight from in-memory tensors: far cheaper than a DataLoader for tiny items.
+
+    shard=(rank, world): like DistributedSampler, one permutation (same generator state on every rank) padded
+    by wrapping to a multiple of world, every world-th index, so all ranks run the same number of steps."""
     order = torch.randperm(len(x), generator=generator) if shuffle else torch.arange(len(x))
+    rank, world = shard
+    if world > 1 and len(order):
+        per_rank = math.ceil(len(order) / world)
+        order = order.repeat(math.ceil(per_rank * world / len(order)))[: per_rank * world][rank::world]
     for start in range(0, len(x), batch_size):
         idx = order[start : start + batch_size]
         yield x[idx], y[idx]

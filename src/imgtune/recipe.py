@@ -7,6 +7,7 @@ rebuilds the same pieces from the run folder and continues from checkpoints/last
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import math
 import platform
@@ -35,6 +36,7 @@ from imgtune.data import (
     make_loader,
     should_cache,
 )
+from imgtune.distributed import Dist, convert_sync_batchnorm, current, setup, wrap
 from imgtune.engine import STOP, Stage, Trainer, seed_everything
 from imgtune.features import extract_features, tensor_batches
 from imgtune.metrics import EvalResult
@@ -46,9 +48,9 @@ from imgtune.models import (
     set_requires_grad,
     unfreeze_top,
 )
-from imgtune.optim import LRSchedule, make_optimizer
+from imgtune.optim import LRSchedule, OptimSettings, make_optimizer
 from imgtune.predict import TorchPredictor, pick_device
-from imgtune.progress import Progress
+from imgtune.progress import Progress, SilentProgress
 from imgtune.runs import RunFolder, ensure_free, new_run_folder
 from imgtune.transforms import BatchMix, Preprocessing, augmentation
 
@@ -126,11 +128,17 @@ class Workbench:
     class_weights: torch.Tensor | None
     eval_batch: int
     display_names: list[str]
+    dist: Dist
+    lr_factor: float  # the LR scaling rule's factor under torchrun (1 in one process)
 
     def image_loader(self) -> Any:
         dcfg = self.cfg.data
-        sampler = None
-        if self.cfg.train.balance == "sampler":
+        sampler: Any = None
+        if self.dist.enabled:  # a shard per rank, reshuffled per epoch (set_epoch), padded to equal lengths
+            sampler = torch.utils.data.DistributedSampler(
+                self.train_aug, num_replicas=self.dist.world, rank=self.dist.rank, shuffle=True, seed=self.cfg.seed
+            )
+        elif self.cfg.train.balance == "sampler":
             sampler = balanced_sampler([x.label for x in self.train_samples], self.generator)
         return make_loader(
             self.train_aug, dcfg.batch_size, shuffle=sampler is None, workers=self.workers, generator=self.generator,
@@ -146,13 +154,19 @@ class Workbench:
             "preprocessing": self.prep.to_dict(),
             "config": self.cfg.to_plain(),
         }
+        if not self.dist.is_main:
+            progress = SilentProgress()
         return Trainer(
             self.model, run, checkpoint_base, device=self.device, num_classes=len(self.split.classes),
             label_smoothing=tcfg.label_smoothing, class_weights=self.class_weights, grad_clip=tcfg.grad_clip,
             grad_clip_mode=tcfg.grad_clip_mode, accumulate=tcfg.accumulate,
             amp_dtype=amp_dtype_for(tcfg.precision, self.device), monitor=tcfg.monitor, progress=progress,
-            tensorboard=tensorboard, max_nonfinite=tcfg.max_nonfinite,
+            tensorboard=tensorboard, max_nonfinite=tcfg.max_nonfinite, dist=self.dist,
         )  # fmt: skip
+
+    def optim_settings(self, stage: int) -> OptimSettings:
+        s = self.cfg.train.optim_settings(stage, self.pretrained_start or stage == 1)
+        return dataclasses.replace(s, lr=s.lr * self.lr_factor) if self.lr_factor != 1 else s
 
     def head_stage(self) -> Stage:
         return _head_stage(self)
@@ -164,8 +178,10 @@ class Workbench:
 def prepare(cfg: Config, *, load_pretrained: bool = True, split_file: Path | None = None) -> Workbench:
     """Split, model and data, ready to train. load_pretrained=False when weights come from a checkpoint."""
     dcfg, tcfg = cfg.data, cfg.train
-    seed_everything(cfg.seed, tcfg.deterministic)
-    device = pick_device(cfg.device)
+    d = current()
+    _check_distributed(cfg, d)
+    seed_everything(cfg.seed + d.rank, tcfg.deterministic)  # per rank: different augmentation draws
+    device = d.device(pick_device(cfg.device))
     split = load_split(dcfg.path, dcfg.valid_fraction, cfg.seed, split_file or dcfg.split_file)
     _check_trainable(split)
     for note in split.notes:
@@ -187,7 +203,8 @@ def prepare(cfg: Config, *, load_pretrained: bool = True, split_file: Path | Non
     train_samples, valid_samples = split.train, split.valid
     skipped: list[Skipped] = []
     train_cache = valid_cache = None
-    if should_cache(dcfg.cache, len(train_samples) + len(valid_samples), dcfg.img_size):
+    budget = 0.3 / d.local_world  # each process on a machine holds its own copy
+    if should_cache(dcfg.cache, len(train_samples) + len(valid_samples), dcfg.img_size, budget):
         t0 = time.perf_counter()
         train_cache, ok, sk = decode_many([s.path for s in train_samples], prep)
         train_samples, skipped = [train_samples[i] for i in ok], skipped + sk
@@ -199,7 +216,10 @@ def prepare(cfg: Config, *, load_pretrained: bool = True, split_file: Path | Non
             (train_cache.numel() + valid_cache.numel()) / 1e6, time.perf_counter() - t0,
         )  # fmt: skip
     workers = dcfg.workers if dcfg.workers is not None else default_workers(train_cache is not None, device)
-    valid_ds = ImageDataset(valid_samples, prep, None, valid_cache)
+    # validation: disjoint, unpadded shards per rank; the engine sums their counts (exact metrics)
+    valid_ds = ImageDataset(
+        d.shard(valid_samples), prep, None, valid_cache[d.rank :: d.world] if valid_cache is not None else None
+    )
     eval_batch = max(64, dcfg.batch_size)
     counts = _class_counts(train_samples, num_classes)
     class_weights = None
@@ -222,28 +242,58 @@ def prepare(cfg: Config, *, load_pretrained: bool = True, split_file: Path | Non
             valid_ds, eval_batch, shuffle=False, workers=workers, pin_memory=device.type == "cuda"
         ),
         workers=workers,
-        generator=torch.Generator().manual_seed(cfg.seed),
+        generator=torch.Generator().manual_seed(cfg.seed + d.rank),
         class_weights=class_weights,
         eval_batch=eval_batch,
         display_names=load_class_names(dcfg.class_names, split.classes) if dcfg.class_names else list(split.classes),
+        dist=d,
+        lr_factor={"none": 1.0, "linear": float(d.world), "sqrt": math.sqrt(d.world)}[tcfg.lr_scaling],
     )
+
+
+def _check_distributed(cfg: Config, d: Dist) -> None:
+    if not d.enabled:
+        return
+    if cfg.train.balance == "sampler":
+        raise ConfigError("--balance sampler is not available under torchrun; use --balance weights")
+    if cfg.train.lr_find:
+        raise ConfigError("--lr auto runs in one process: run `imgtune lr-find` first, then pass its --lr to torchrun")
+
+
+def _log_distributed(wb: Workbench) -> None:
+    d, dcfg, tcfg = wb.dist, wb.cfg.data, wb.cfg.train
+    if not d.enabled:
+        return
+    global_batch = dcfg.batch_size * d.world * tcfg.accumulate
+    log.info(
+        "distributed: %d processes (%s, %s); global batch %d = %d per process x %d processes x %d accumulated; "
+        "LR scaling rule '%s': configured LRs x %.3g%s",
+        d.world, d.backend, wb.device.type, global_batch, dcfg.batch_size, d.world, tcfg.accumulate,
+        tcfg.lr_scaling, wb.lr_factor,
+        " (set train.lr_scaling=linear or sqrt to scale with the number of processes)"
+        if tcfg.lr_scaling == "none" else "",
+    )  # fmt: skip
 
 
 def _run(cfg: Config, progress: Progress | None, resume_from: RunFolder | None) -> TrainResult:
     started = time.perf_counter()
     STOP.requested = False  # a stop asked of an earlier run in this process is not one for this run
     tcfg = cfg.train
+    d = setup(pick_device(cfg.device))  # joins torchrun's process group; a no-op in one process
     split_file = resume_from.split if resume_from is not None and resume_from.split.is_file() else None
     # resuming from last.pt: its weights replace the pretrained ones, so don't load (or download) those
     from_checkpoint = resume_from is not None and resume_from.last.is_file()
     if resume_from is None and cfg.out is not None:
-        ensure_free(cfg.out)  # before minutes of caching, not after
+        out = cfg.out
+        d.on_main(lambda: ensure_free(out))  # before minutes of caching, not after
     if resume_from is not None:
-        for leftover in resume_from.clean_leftovers():
+        folder = resume_from
+        for leftover in d.on_main(folder.clean_leftovers):
             log.info("removed %s, left by an interrupted write", leftover)
     # a damaged or hostile last.pt is refused before any data is prepared
     last = load_checkpoint(resume_from.last) if resume_from is not None and from_checkpoint else None
     wb = prepare(cfg, load_pretrained=not from_checkpoint, split_file=split_file)
+    _log_distributed(wb)
     if resume_from is not None:
         run = resume_from
         if last is not None:
@@ -251,18 +301,12 @@ def _run(cfg: Config, progress: Progress | None, resume_from: RunFolder | None) 
         else:
             log.info("%s has no last.pt yet: starting it again from the beginning", run.path)
     else:
-        run = new_run_folder(cfg.out, cfg.data.path)
+        run = RunFolder(d.on_main(lambda: _start_run_folder(wb)))  # rank 0 creates it; all ranks use it
         wb.cfg = cfg.model_copy(update={"out": run.path})
-        run.config.write_text(wb.cfg.to_yaml())
-        run.write_json(run.classes, wb.split.classes)
-        if wb.display_names != wb.split.classes:
-            run.write_json(run.path / "class_names.json", wb.display_names)
-        if wb.split.made_split:
-            wb.split.write_csv(run.split)
     log.info("run folder: %s", run.path)
 
     tensorboard = None
-    if tcfg.tensorboard:
+    if tcfg.tensorboard and d.is_main:
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError as e:
@@ -288,12 +332,13 @@ def _run(cfg: Config, progress: Progress | None, resume_from: RunFolder | None) 
                 return
             except torch.cuda.OutOfMemoryError:
                 old = wb.cfg.data.batch_size
-                if old <= 1:
+                if old <= 1 or d.enabled:  # one rank alone cannot change the batch size of all
                     raise
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
                 wb.cfg = wb.cfg.model_copy(update={"data": wb.cfg.data.model_copy(update={"batch_size": old // 2})})
-                run.config.write_text(wb.cfg.to_yaml())  # the run's config says what it really trained with
+                if d.is_main:
+                    run.config.write_text(wb.cfg.to_yaml())  # the run's config says what it really trained with
                 trainer.checkpoint_base["config"] = wb.cfg.to_plain()
                 log.warning("out of memory with batch size %d: restarting the stage with batch size %d", old, old // 2)
                 wb.model.load_state_dict(weights)
@@ -309,6 +354,28 @@ def _run(cfg: Config, progress: Progress | None, resume_from: RunFolder | None) 
     if tensorboard is not None:
         tensorboard.close()
 
+    st = trainer.state
+    test, summary = d.on_main(lambda: _finish(wb, run, trainer, started))
+    return TrainResult(run.path, st.best_epoch, st.best_acc, test, summary)
+
+
+def _start_run_folder(wb: Workbench) -> Path:
+    cfg = wb.cfg
+    run = new_run_folder(cfg.out, cfg.data.path)
+    run.config.write_text(cfg.model_copy(update={"out": run.path}).to_yaml())
+    run.write_json(run.classes, wb.split.classes)
+    if wb.display_names != wb.split.classes:
+        run.write_json(run.path / "class_names.json", wb.display_names)
+    if wb.split.made_split:
+        wb.split.write_csv(run.split)
+    return run.path
+
+
+def _finish(
+    wb: Workbench, run: RunFolder, trainer: Trainer, started: float
+) -> tuple[EvalResult | None, dict[str, Any]]:
+    """Test the best checkpoint and write summary.json (rank 0 alone: the test set is evaluated once)."""
+    tcfg = wb.cfg.train
     best = load_checkpoint(run.best)
     wb.model.load_state_dict(best["state_dict"])
     test = None
@@ -328,6 +395,7 @@ def _run(cfg: Config, progress: Progress | None, resume_from: RunFolder | None) 
         "skipped_steps": st.skipped_steps,
         "batch_size": wb.cfg.data.batch_size,
         "oom_retries": trainer.oom_retries,
+        "processes": wb.dist.world,
         "classes": len(wb.split.classes),
         "train_images": len(wb.train_samples),
         "valid_images": len(wb.valid_samples),
@@ -340,7 +408,7 @@ def _run(cfg: Config, progress: Progress | None, resume_from: RunFolder | None) 
     if test is not None:
         summary.update(test_acc=test.accuracy, test_top5=test.top5, test_loss=test.loss, test_images=test.n)
     run.write_json(run.summary, summary)
-    return TrainResult(run.path, st.best_epoch, st.best_acc, test, summary)
+    return test, summary
 
 
 def _finetune_stage(wb: Workbench) -> Stage:
@@ -349,7 +417,12 @@ def _finetune_stage(wb: Workbench) -> Stage:
     unfreeze_top(model, tcfg.unfreeze)
     frozen = tcfg.bn == "frozen" or (tcfg.bn == "auto" and wb.pretrained_start)
     model.bn_policy = "frozen" if frozen else "trainable"
-    s = tcfg.optim_settings(2, wb.pretrained_start)
+    if tcfg.sync_bn and wb.dist.enabled:
+        try:
+            wb.model = model = convert_sync_batchnorm(model, wb.device)  # type: ignore[assignment]
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    s = wb.optim_settings(2)
     backbone_lr = s.lr * tcfg.backbone_lr_scale if wb.pretrained_start else s.lr
     opt = make_optimizer(param_groups(model, s.lr, backbone_lr, s.weight_decay, tcfg.lr_decay), s)
     loader = wb.image_loader()
@@ -361,16 +434,17 @@ def _finetune_stage(wb: Workbench) -> Stage:
         ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(tcfg.ema), use_buffers=True)
     mixing = tcfg.mixup > 0 or tcfg.cutmix > 0
     lr_text = f"layer-wise decay {tcfg.lr_decay}" if tcfg.lr_decay else f"backbone LR {backbone_lr:g}"
+    what = "top " + str(tcfg.unfreeze) + " blocks" if tcfg.unfreeze else "all layers"
     return Stage(
         number=2,
         description=(
-            f"stage 2: {'top ' + str(tcfg.unfreeze) + ' blocks' if tcfg.unfreeze else 'all layers'}, "
+            f"stage 2: {what if wb.pretrained_start else 'all layers from random init'}, "
             f"{tcfg.epochs} epochs, {s.optimizer}, {s.schedule}, head LR {s.lr:g}, {lr_text}, "
             f"BatchNorm statistics {'frozen' if frozen else 'updated'}, "
             f"{len(wb.train_aug)} train images, batch {wb.cfg.data.batch_size}"
             + (f" x {tcfg.accumulate} accumulated" if tcfg.accumulate > 1 else "")
         ),
-        module=model,
+        module=wrap(model, wb.dist, wb.device),
         train_batches=lambda: loader,
         valid_batches=lambda: wb.valid_loader,
         batches_per_epoch=batches,
@@ -395,7 +469,8 @@ def _head_stage(wb: Workbench) -> Stage:
     `bn_frozen_stage: train` the statistics adapt, so the stage runs on augmented images, epoch by epoch."""
     cfg, tcfg, model, device = wb.cfg, wb.cfg.train, wb.model, wb.device
     set_requires_grad(model.backbone, False)
-    s = tcfg.optim_settings(1, True)
+    d = wb.dist
+    s = wb.optim_settings(1)
     opt = make_optimizer(param_groups(model, s.lr, s.lr, s.weight_decay), s)
     description = f"stage 1: head only, {tcfg.epochs_frozen} epochs, {s.optimizer}, {s.schedule}, LR {s.lr:g}"
     common: dict[str, Any] = {"number": 1, "optimizer": opt, "epochs": tcfg.epochs_frozen, "patience": None}
@@ -405,7 +480,7 @@ def _head_stage(wb: Workbench) -> Stage:
         batches = len(loader)
         return Stage(
             description=description + ", on images (BatchNorm statistics updating)",
-            module=model,
+            module=wrap(model, d, device),
             train_batches=lambda: loader,
             valid_batches=lambda: wb.valid_loader,
             batches_per_epoch=batches,
@@ -416,24 +491,32 @@ def _head_stage(wb: Workbench) -> Stage:
     model.bn_policy = "frozen"
     t0 = time.perf_counter()
     batch = max(64, cfg.data.batch_size)
+    # under torchrun each rank extracts every world-th image; the train features are then gathered
     if wb.train_plain.cache is not None:
         labels = torch.tensor([x.label for x in wb.train_plain.samples])
-        train_batches: Any = tensor_batches(wb.train_plain.cache, labels, batch, shuffle=False)
+        cache = wb.train_plain.cache
+        train_batches: Any = tensor_batches(cache[d.rank :: d.world], labels[d.rank :: d.world], batch, shuffle=False)
     else:
-        train_batches = make_loader(wb.train_plain, batch, shuffle=False, workers=wb.workers)
+        own = ImageDataset(d.shard(wb.train_plain.samples), wb.prep)
+        train_batches = make_loader(own, batch, shuffle=False, workers=wb.workers)
     f_train, y_train = extract_features(model, train_batches, device)
-    f_valid, y_valid = extract_features(model, wb.valid_loader, device)
+    f_valid, y_valid = extract_features(model, wb.valid_loader, device)  # this rank's validation shard
+    f_train, y_train = d.gather_cat(f_train), d.gather_cat(y_train)
     seconds = time.perf_counter() - t0
+    extracted = len(f_train) + int(d.sum(torch.tensor(len(f_valid))))
     log.info(
         "stage 1: backbone features for %d images in %.1f s (%.0f images/s)",
-        len(f_train) + len(f_valid), seconds, (len(f_train) + len(f_valid)) / max(seconds, 1e-9),
+        extracted, seconds, extracted / max(seconds, 1e-9),
     )  # fmt: skip
-    steps = math.ceil(len(f_train) / FEATURE_BATCH)
+    steps = math.ceil(math.ceil(len(f_train) / d.world) / FEATURE_BATCH)
     generator = torch.Generator().manual_seed(cfg.seed)
+    shard = (d.rank, d.world)
     return Stage(
         description=description + " on cached features",
-        module=model.head,
-        train_batches=lambda: tensor_batches(f_train, y_train, FEATURE_BATCH, shuffle=True, generator=generator),
+        module=wrap(model.head, d, device),
+        train_batches=lambda: tensor_batches(
+            f_train, y_train, FEATURE_BATCH, shuffle=True, generator=generator, shard=shard
+        ),
         valid_batches=lambda: tensor_batches(f_valid, y_valid, 4096, shuffle=False),
         batches_per_epoch=steps,
         scheduler=LRSchedule(opt, s, steps, tcfg.epochs_frozen, maximize=_maximize(cfg)),
