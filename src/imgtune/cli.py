@@ -119,6 +119,34 @@ def data_fashion_mnist(
     typer.echo(f"{out}: " + ", ".join(f"{k} {v}" for k, v in counts.items()) + " images")
 
 
+def _data_cifar(which: str, title: str) -> None:
+    def command(
+        out: Annotated[Path, typer.Argument(help="Folder to write train/ valid/ test/ class folders into.")],
+        per_class: Annotated[
+            int | None, typer.Option(help="Training images per class (default: all the rest).")
+        ] = None,
+        valid_per_class: Annotated[
+            int, typer.Option(help="Validation images per class, from the official train set.")
+        ] = 500 if which == "cifar10" else 50,
+        source: Annotated[
+            Path | None, typer.Option(help="The python-version .tar.gz archive, or the folder it extracts to.")
+        ] = None,
+        download: Annotated[bool, typer.Option(help="Fetch the archive with torchvision (checksummed).")] = False,
+        seed: Annotated[int, typer.Option(help="Seed of the per-class selection.")] = 0,
+    ) -> None:
+        from imgtune.sources import write_cifar
+
+        counts = write_cifar(which, out, per_class, valid_per_class, source, seed, download)
+        typer.echo(f"{out}: " + ", ".join(f"{k} {v}" for k, v in counts.items()) + " images")
+
+    command.__doc__ = f"Write {title} as PNG image folders (test = the official 10,000 test images)."
+    data_app.command(which)(command)
+
+
+_data_cifar("cifar10", "CIFAR-10")
+_data_cifar("cifar100", "CIFAR-100 (100 fine classes)")
+
+
 @data_app.command("check")
 def data_check(
     data: Annotated[Path, typer.Argument(help="Dataset folder.")],
