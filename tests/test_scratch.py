@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import write_class_folders
 from PIL import Image
 from typer.testing import CliRunner
 
+from conftest import write_class_folders
 from imgtune.cli import app
 from imgtune.config import RECIPES, build_config
 from imgtune.distributed import convert_sync_batchnorm

@@ -55,6 +55,6 @@ def tensor_batches(
     if world > 1 and len(order):
         per_rank = math.ceil(len(order) / world)
         order = order.repeat(math.ceil(per_rank * world / len(order)))[: per_rank * world][rank::world]
-    for start in range(0, len(x), batch_size):
+    for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
         yield x[idx], y[idx]
