@@ -48,6 +48,7 @@ def test_one_rank_asking_to_stop_stops_all_at_the_same_place(tmp_path: Path, whe
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    assert all(r["gathered"] == [0, 1, 2, 3, 4, 100, 101, 102] for r in ranks)  # gather_cat, uneven sizes
     assert [r["asked"] for r in ranks] == [False, True]  # only rank 1 saw the request ...
     assert ranks[0]["stopped"] and ranks[0]["stopped"] == ranks[1]["stopped"]  # ... both stopped, at one place
     expected = "epoch 2, step 6" if where.startswith("train") else "the end of epoch 3"

@@ -63,9 +63,12 @@ class Dist:
         return list(items[self.rank :: self.world])
 
     def sum(self, t: torch.Tensor) -> torch.Tensor:
-        if self.enabled:
-            tdist.all_reduce(t, tdist.ReduceOp.SUM)
-        return t
+        """Element-wise sum over ranks (a CPU tensor in, a CPU tensor out; NCCL reduces on the GPU)."""
+        if not self.enabled:
+            return t
+        on_device = t.to(self._comm_device())
+        tdist.all_reduce(on_device, tdist.ReduceOp.SUM)
+        return on_device.cpu()
 
     def any(self, *flags: bool) -> list[bool]:
         """Each flag OR-ed over all ranks, in one collective."""
@@ -83,19 +86,27 @@ class Dist:
         tdist.all_gather_object(out, obj)
         return out
 
-    def gather_cat(self, local: torch.Tensor) -> torch.Tensor:
-        """All ranks' tensors concatenated along dim 0 in rank order, on every rank (sizes may differ)."""
+    def gather_cat(self, local: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
+        """All ranks' tensors concatenated along dim 0 in rank order, on every rank (sizes may differ).
+        Gathered `chunk` rows at a time, so the communication buffers stay small on a GPU."""
         if not self.enabled:
             return local
         dev = self._comm_device()
         sizes = [torch.zeros(1, dtype=torch.long, device=dev) for _ in range(self.world)]
         tdist.all_gather(sizes, torch.tensor([len(local)], device=dev))
         counts = [int(n) for n in sizes]
-        padded = torch.zeros((max(counts), *local.shape[1:]), dtype=local.dtype, device=dev)
-        padded[: len(local)] = local.to(dev)
-        parts = [torch.empty_like(padded) for _ in range(self.world)]
-        tdist.all_gather(parts, padded)
-        return torch.cat([part[:n].cpu() for part, n in zip(parts, counts, strict=True)])
+        pieces: list[list[torch.Tensor]] = [[] for _ in range(self.world)]
+        for start in range(0, max(counts), chunk):
+            rows = min(chunk, max(counts) - start)
+            block = torch.zeros((rows, *local.shape[1:]), dtype=local.dtype, device=dev)
+            mine = local[start : start + rows]
+            block[: len(mine)] = mine.to(dev)
+            parts = [torch.empty_like(block) for _ in range(self.world)]
+            tdist.all_gather(parts, block)
+            for r, part in enumerate(parts):
+                pieces[r].append(part[: max(0, min(rows, counts[r] - start))].cpu())
+        empty = local.new_empty((0, *local.shape[1:]), device="cpu")
+        return torch.cat([empty] + [piece for rank_pieces in pieces for piece in rank_pieces])
 
     def on_main(self, fn: Callable[[], T]) -> T:
         """Run fn on rank 0 only and hand its result to all ranks; if it raised there, raise on all ranks
