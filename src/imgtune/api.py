@@ -8,18 +8,51 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from imgtune.checkpoint import resolve_checkpoint
-from imgtune.data import DataError, find_split_folders, read_split_csv, scan_folder
+from imgtune.data import DataError, find_split_folders, load_class_names, read_split_csv, scan_folder
 from imgtune.metrics import EvalResult
-from imgtune.predict import Prediction, Predictor, expand_inputs, load_predictor, predictions_csv, write_predictions
+from imgtune.predict import (
+    EnsemblePredictor,
+    Prediction,
+    Predictor,
+    expand_inputs,
+    load_predictor,
+    predictions_csv,
+    submission_csv,
+    write_predictions,
+)
 from imgtune.recipe import TrainResult, resume, train
 
 log = logging.getLogger(__name__)
 
 
-def load(run: Path | str, device: str = "auto", backend: str = "torch") -> Predictor:
+Runs = Path | str | Sequence[Path | str]
+
+
+def load(
+    run: Runs,
+    device: str = "auto",
+    backend: str = "torch",
+    *,
+    weights: Sequence[float] | None = None,
+    class_names: Path | str | None = None,
+) -> Predictor:
     """A ready-to-use Predictor from a run folder or checkpoint file (backend torch), or from an exported
-    model.onnx / run folder holding one (backend onnxruntime)."""
-    return load_predictor(run, device, backend)
+    model.onnx / run folder holding one (backend onnxruntime). Several runs: their weighted ensemble.
+    class_names: a JSON {folder name: display name} file that replaces the names the run was trained with."""
+    if isinstance(run, str | Path):
+        predictor = load_predictor(run, device, backend)
+    elif len(run) == 1:
+        predictor = load_predictor(run[0], device, backend)
+    else:
+        predictor = EnsemblePredictor([load_predictor(r, device, backend) for r in run], weights)
+    if class_names is not None:
+        predictor.display_names = load_class_names(Path(class_names), predictor.classes)
+    return predictor
+
+
+def _first_run_dir(run: Runs) -> Path:
+    first = Path(run if isinstance(run, str | Path) else run[0])
+    return first if first.is_dir() else resolve_checkpoint(first).parent.parent
 
 
 # ------------------------------------------------------------------------------------------------ evaluate
@@ -49,20 +82,22 @@ def eval_samples(data: Path, split: str, run_dir: Path | None = None) -> list[tu
 
 
 def evaluate(
-    run: Path | str,
+    run: Runs,
     data: Path | str,
     split: str = "test",
     *,
     batch_size: int = 64,
     device: str = "auto",
     workers: int | None = None,
+    tta: bool = False,
+    weights: Sequence[float] | None = None,
+    class_names: Path | str | None = None,
 ) -> EvalResult:
-    """Metrics of a trained run (its best checkpoint) on one labelled split of a dataset folder."""
-    predictor = load(run, device)
-    run_path = Path(run)
-    run_dir = run_path if run_path.is_dir() else resolve_checkpoint(run_path).parent.parent
-    pairs = eval_samples(Path(data), split, run_dir)
-    return predictor.evaluate(pairs, split, batch_size, workers)
+    """Metrics of a trained run (its best checkpoint), or of an ensemble of runs, on one labelled split of a
+    dataset folder; with tta, averaged over test-time augmentation views (and the gain over one view)."""
+    predictor = load(run, device, weights=weights, class_names=class_names)
+    pairs = eval_samples(Path(data), split, _first_run_dir(run))
+    return predictor.evaluate(pairs, split, batch_size, workers, tta=tta)
 
 
 @dataclass
@@ -71,13 +106,17 @@ class PredictResult:
     skipped: list[dict[str, str]]
     out: Path | None
     top_k: int  # labels per row actually given (at most the number of classes)
+    format: str = "csv"
+    id_from: str = "stem"
 
     def csv(self) -> str:
+        if self.format == "submission":
+            return submission_csv(self.rows, self.id_from)
         return predictions_csv(self.rows, self.top_k)
 
 
 def predict(
-    run: Path | str,
+    run: Runs,
     inputs: Sequence[str | Path],
     *,
     out: Path | str | None = None,
@@ -86,15 +125,27 @@ def predict(
     device: str = "auto",
     workers: int | None = None,
     backend: str = "torch",
+    tta: bool = False,
+    weights: Sequence[float] | None = None,
+    class_names: Path | str | None = None,
+    format: str = "csv",
+    id_from: str = "stem",
 ) -> PredictResult:
-    """Classify files, folders (recursively) and globs; optionally write the CSV `out` (atomically)."""
-    predictor = load(run, device, backend)
+    """Classify files, folders (recursively, labelled or not) and globs with a run or an ensemble of runs;
+    optionally write `out` (atomically): the predictions CSV, or with format="submission" a Kaggle-style
+    `id,label` file whose ids are the file stems (id_from="stem"), names ("name") or paths ("path")."""
+    if format not in ("csv", "submission"):
+        raise ValueError(f"format {format!r}: choose csv or submission")
+    if id_from not in ("stem", "name", "path"):
+        raise ValueError(f"id_from {id_from!r}: choose stem, name or path")
+    predictor = load(run, device, backend, weights=weights, class_names=class_names)
     paths = expand_inputs(inputs)
-    rows, skipped = predictor.predict(paths, top_k=top_k, batch_size=batch_size, workers=workers)
+    rows, skipped = predictor.predict(paths, top_k=top_k, batch_size=batch_size, workers=workers, tta=tta)
     k = max(1, min(top_k, len(predictor.classes)))
+    result = PredictResult(rows, skipped, Path(out) if out is not None else None, k, format, id_from)
     if out is not None:
-        write_predictions(Path(out), rows, k)
-    return PredictResult(rows, skipped, Path(out) if out is not None else None, k)
+        write_predictions(Path(out), result.csv())
+    return result
 
 
 __all__ = [

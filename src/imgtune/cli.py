@@ -256,6 +256,10 @@ def train(
     precision: Annotated[str | None, typer.Option(help="auto, fp32, bf16, fp16 [auto].")] = None,
     deterministic: Annotated[bool | None, typer.Option("--deterministic", help="Deterministic algorithms.")] = None,
     tensorboard: Annotated[bool | None, typer.Option("--tensorboard", help="Also log to RUN/tensorboard/.")] = None,
+    calibrate: Annotated[
+        bool | None, typer.Option("--calibrate", help="Fit temperature scaling on valid (stored in best.pt).")
+    ] = None,
+    report: Annotated[bool | None, typer.Option("--report/--no-report", help="Plots + report.html [on].")] = None,
     augment: Annotated[Augment | None, typer.Option(help="Augmentation preset [standard].")] = None,
     valid_fraction: Annotated[float | None, typer.Option(help="Held-out share when imgtune splits [0.2].")] = None,
     split_file: Annotated[Path | None, typer.Option(help="Reuse a split.csv from an earlier run.")] = None,
@@ -329,6 +333,8 @@ def train(
         "train.precision": precision,
         "train.deterministic": deterministic,
         "train.tensorboard": tensorboard,
+        "train.calibrate": calibrate,
+        "train.report": report,
         "out": out,
         "seed": seed,
         "device": device,
@@ -347,6 +353,51 @@ def train(
     from imgtune.api import train as run_train
 
     _report(run_train(cfg, progress=auto_progress()))
+
+
+@app.command()
+def compare(
+    data: Annotated[Path, typer.Argument(help="Dataset folder.")],
+    models: Annotated[str, typer.Option(help="Comma-separated model names, e.g. tf_efficientnet_lite0,cnn5.")],
+    pretrained_vs_scratch: Annotated[
+        bool, typer.Option("--pretrained-vs-scratch", help="Each model also from random init.")
+    ] = False,
+    budget_minutes: Annotated[
+        float | None, typer.Option(help="Wall-clock budget per variant: no epoch starts after it.")
+    ] = None,
+    config: Annotated[Path | None, typer.Option("--config", help="YAML config shared by every variant.")] = None,
+    img_size: Annotated[int | None, typer.Option(help="Input size in pixels [224].")] = None,
+    epochs_frozen: Annotated[int | None, typer.Option(help="Head-only epochs (pretrained variants) [30].")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Fine-tuning / from-scratch epochs [5].")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Batch size [32].")] = None,
+    out: Annotated[Path, typer.Option(help="Folder for the variants' runs, results.csv, compare.html.")] = Path(
+        "runs/compare"
+    ),
+    seed: Annotated[int | None, typer.Option(help="Random seed [0].")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Any config key, for every variant.")] = None,
+) -> None:
+    """Train variants on the same split, seed and budget (e.g. pretrained vs scratch); one table and page."""
+    from imgtune.compare import compare as run_compare
+    from imgtune.engine import STOP
+    from imgtune.progress import auto_progress
+
+    STOP.install()
+    overrides = {
+        "data.path": data, "data.img_size": img_size, "data.batch_size": batch_size,
+        "train.epochs_frozen": epochs_frozen, "train.epochs": epochs, "seed": seed,
+    }  # fmt: skip
+    base = build_config(config, overrides, explicit=_parse_sets(set_))
+    names = [m.strip() for m in models.split(",") if m.strip()]
+    if not names:
+        _fail("--models: give at least one model name")
+    results = run_compare(
+        base, names, pretrained_vs_scratch=pretrained_vs_scratch, budget_minutes=budget_minutes, out=out,
+        progress=auto_progress(),
+    )  # fmt: skip
+    for r in results:
+        test = f"{r.test_acc:.4f}" if r.test_acc is not None else "-"
+        typer.echo(f"{r.variant.name:<40} valid {r.best_valid_acc:.4f}  test {test}  {r.wall_seconds:7.1f} s")
+    typer.echo(f"comparison: {out / 'compare.html'}")
 
 
 @app.command("lr-find")
@@ -402,42 +453,103 @@ def _report(result: Any) -> None:
 # ------------------------------------------------------------------------------------------ eval, predict
 
 
+def _floats(text: str | None, flag: str) -> list[float] | None:
+    if text is None:
+        return None
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError(f"{flag} {text!r}: expected comma-separated numbers, e.g. 0.6,0.4") from None
+
+
+def _is_run(item: str | Path) -> bool:
+    path = Path(item)
+    if path.is_dir():
+        return (path / "checkpoints").is_dir() or (path / "model.onnx").is_file()
+    return path.suffix in (".pt", ".onnx") and path.is_file()
+
+
+def _runs_first(items: list[str], ensemble: bool, what: str) -> tuple[list[str], list[str]]:
+    """RUN [RUN ...] then the rest: with --ensemble every leading run folder/checkpoint is a run."""
+    if not items:
+        _fail(f"give RUN and {what}")
+    n = 1
+    if ensemble:
+        while n < len(items) - 1 and _is_run(items[n]):
+            n += 1
+        if n < 2:
+            _fail(f"--ensemble needs two or more runs before the {what}")
+    return items[:n], items[n:]
+
+
 @app.command("eval")
 def eval_(
-    run: Annotated[Path, typer.Argument(help="Run folder or checkpoint file.")],
-    data: Annotated[Path, typer.Argument(help="Dataset folder.")],
+    items: Annotated[list[str], typer.Argument(help="RUN [RUN ... with --ensemble] DATA", metavar="RUN... DATA")],
     split: Annotated[str, typer.Option(help="test or valid.")] = "test",
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    tta: Annotated[bool, typer.Option("--tta", help="Test-time augmentation (4 views); reports the gain.")] = False,
+    ensemble: Annotated[bool, typer.Option("--ensemble", help="Average the probabilities of several runs.")] = False,
+    weights: Annotated[str | None, typer.Option(help="Ensemble weights per run, e.g. 0.6,0.4 [equal].")] = None,
+    class_names: Annotated[Path | None, typer.Option(help="JSON {folder name: display name}.")] = None,
+    report: Annotated[
+        bool, typer.Option("--report/--no-report", help="Write RUN/plots/ and RUN/report.html (single run).")
+    ] = True,
     batch_size: Annotated[int, typer.Option()] = 64,
     device: Annotated[Device, typer.Option()] = "auto",
     workers: Annotated[int | None, typer.Option(help="Decoding worker processes [auto].")] = None,
 ) -> None:
-    """Accuracy, top-5, loss, per-class precision/recall/F1 and the confusion matrix on a labelled split."""
+    """Accuracy, top-5, loss, per-class and averaged precision/recall/F1, confusion matrix, calibration."""
     if split not in ("test", "valid"):
         _fail(f"--split {split!r}: choose test or valid")
+    runs, rest = _runs_first(items, ensemble, "DATA")
+    if len(rest) != 1:
+        _fail(f"expected one DATA folder after the run(s), got {rest}")
     from imgtune.api import evaluate
 
-    result = evaluate(run, data, split, batch_size=batch_size, device=device, workers=workers)
+    result = evaluate(
+        runs, rest[0], split, batch_size=batch_size, device=device, workers=workers, tta=tta,
+        weights=_floats(weights, "--weights"), class_names=class_names,
+    )  # fmt: skip
+    if report and len(runs) == 1 and Path(runs[0]).is_dir():
+        from imgtune.report import write_report
+
+        page = write_report(Path(runs[0]), result)
+        typer.echo(f"report: {page}", err=True)
     typer.echo(json.dumps(result.to_dict(), indent=2) if as_json else result.format())
 
 
 @app.command()
 def predict(
-    run: Annotated[Path, typer.Argument(help="Run folder or checkpoint file.")],
-    paths: Annotated[list[str], typer.Argument(help="Image files, folders (recursive) or globs.")],
+    items: Annotated[
+        list[str], typer.Argument(help="RUN [RUN ... with --ensemble] then image files, folders (recursive), globs.")
+    ],
     out: Annotated[Path | None, typer.Option(help="CSV file to write [print to stdout].")] = None,
     top_k: Annotated[int, typer.Option(help="Labels per image in the CSV.")] = 3,
+    fmt: Annotated[
+        str, typer.Option("--format", help="csv (path,label,confidence,...) or submission (id,label).")
+    ] = "csv",
+    id_from: Annotated[str, typer.Option(help="Submission ids: the file's stem, name or path.")] = "stem",
+    tta: Annotated[bool, typer.Option("--tta", help="Test-time augmentation (4 views, averaged).")] = False,
+    ensemble: Annotated[bool, typer.Option("--ensemble", help="Average the probabilities of several runs.")] = False,
+    weights: Annotated[str | None, typer.Option(help="Ensemble weights per run, e.g. 0.6,0.4 [equal].")] = None,
+    class_names: Annotated[Path | None, typer.Option(help="JSON {folder name: display name}.")] = None,
     batch_size: Annotated[int, typer.Option()] = 64,
     device: Annotated[Device, typer.Option()] = "auto",
     workers: Annotated[int | None, typer.Option(help="Decoding worker processes [auto].")] = None,
     backend: Annotated[Backend, typer.Option(help="torch (the checkpoint) or onnxruntime (RUN/model.onnx).")] = "torch",
 ) -> None:
-    """Classify images; CSV columns path,label,confidence[,top2_label,top2_confidence,...]."""
+    """Classify images; CSV columns path,label,confidence[,top2_label,top2_confidence,...] or id,label."""
+    runs, paths = _runs_first(items, ensemble, "images")
+    if not paths:
+        _fail("give images, folders or globs after the run(s)")
+    if fmt not in ("csv", "submission") or id_from not in ("stem", "name", "path"):
+        _fail(f"--format {fmt!r} / --id-from {id_from!r}: choose csv|submission and stem|name|path")
     from imgtune.api import predict as run_predict
 
     result = run_predict(
-        run, paths, out=out, top_k=top_k, batch_size=batch_size, device=device, workers=workers, backend=backend
-    )
+        runs, paths, out=out, top_k=top_k, batch_size=batch_size, device=device, workers=workers, backend=backend,
+        tta=tta, weights=_floats(weights, "--weights"), class_names=class_names, format=fmt, id_from=id_from,
+    )  # fmt: skip
     if out is None:
         typer.echo(result.csv(), nl=False)
     else:

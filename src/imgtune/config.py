@@ -117,6 +117,9 @@ class TrainConfig(_Section):
     bn: BnPolicy = Field("auto", description="BatchNorm statistics while fine-tuning (auto: frozen if pretrained)")
     bn_frozen_stage: BnStage1 = Field("frozen", description="BatchNorm in the head stage: frozen or train")
     max_nonfinite: int = Field(20, ge=0, description="stop after this many steps with a non-finite loss")
+    max_minutes: float | None = Field(None, gt=0, description="time budget: no new epoch starts after this")
+    calibrate: bool = Field(False, description="fit temperature scaling on valid; stored in best.pt, used by predict")
+    report: bool = Field(True, description="write RUN/plots/ and RUN/report.html at the end")
     lr_scaling: LrScaling = Field(
         "none", description="under torchrun: LRs x world size (linear) or x its square root (sqrt), or as given"
     )

@@ -210,6 +210,7 @@ class Trainer:
         self.state = TrainerState()
         self.pending_epoch: dict[str, Any] | None = None  # a mid-epoch resume point from last.pt
         self.oom_retries = 0
+        self.deadline: float | None = None  # time.monotonic() after which no epoch starts (a time budget)
 
     # ------------------------------------------------------------------------------------------ one epoch
 
@@ -395,6 +396,11 @@ class Trainer:
         stage_start = time.perf_counter()
         stage_task = self.progress.task(f"stage {stage.number} epochs", stage.epochs) if stage.cheap_epochs else None
         while st.stage_epochs_done < stage.epochs:
+            # the time budget (train.max_minutes), agreed across ranks so that all stop together
+            if self.deadline is not None and self.dist.any(time.monotonic() > self.deadline)[0]:
+                log.info("time budget used up: no more epochs (stage %d, %d done)", stage.number, st.stage_epochs_done)
+                st.stopped_early = True
+                break
             t0 = time.perf_counter()
             train = self.train_epoch(stage, self.pending_epoch)
             self.pending_epoch = None

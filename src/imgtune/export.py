@@ -36,12 +36,13 @@ class ExportError(RuntimeError):
 
 
 class _Probabilities(nn.Module):
-    def __init__(self, model: Classifier) -> None:
+    def __init__(self, model: Classifier, temperature: float = 1.0) -> None:
         super().__init__()
         self.model = model
+        self.temperature = temperature  # from --calibrate; 1 = none
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        return self.model(image).softmax(dim=1)
+        return (self.model(image) / self.temperature).softmax(dim=1)
 
 
 @dataclass
@@ -104,7 +105,7 @@ def export_onnx(
     out_path = Path(out) if out is not None else ckpt_path.parent.parent / "model.onnx"
     prep = Preprocessing.from_dict(ckpt["preprocessing"])
     model = model_from_checkpoint(ckpt).eval()
-    wrapped = _Probabilities(model).eval()
+    wrapped = _Probabilities(model, float(ckpt.get("temperature", 1.0))).eval()
     sample = _check_images(ckpt, prep, images)
     buf = io.BytesIO()
     with warnings.catch_warnings():
@@ -130,6 +131,7 @@ def export_onnx(
         "centre-cropping; normalisation is inside the graph",
         "output": f"{OUTPUT}: softmax over the classes, in the order of 'classes'",
         "architecture": str(ckpt["arch"]["name"]),
+        "temperature": str(float(ckpt.get("temperature", 1.0))),
     }
     for key, value in meta.items():
         entry = proto.metadata_props.add()

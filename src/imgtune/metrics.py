@@ -1,8 +1,9 @@
-"""Evaluation metrics from logits and labels: accuracy, top-k, loss, per-class P/R/F1, confusion matrix."""
+"""Evaluation metrics from logits and labels: accuracy, top-k, loss, per-class and averaged P/R/F1, confusion
+matrix (counts, row-normalised, most-confused pairs), calibration (ECE, reliability bins) and top losses."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -38,9 +39,31 @@ class EvalResult:
     per_class: list[ClassMetrics]
     confusion_matrix: list[list[int]]  # rows: true class, columns: predicted class
     skipped: list[dict[str, str]]  # unreadable files: {path, reason}
+    macro_precision: float = 0.0
+    macro_recall: float = 0.0
+    weighted_precision: float = 0.0
+    weighted_recall: float = 0.0
+    weighted_f1: float = 0.0
+    confusion_normalized: list[list[float]] = field(default_factory=list)  # each row sums to 1 (recall)
+    most_confused: list[dict[str, Any]] = field(default_factory=list)  # {true, predicted, count}, largest first
+    ece: float = 0.0  # expected calibration error, 15 bins
+    reliability: list[dict[str, float]] = field(default_factory=list)
+    temperature: float = 1.0  # the checkpoint's temperature scaling (1: none)
+    tta: bool = False
+    accuracy_without_tta: float | None = None  # with --tta: the plain single-view accuracy, for the gain
+    top_losses: list[dict[str, Any]] = field(default_factory=list)  # most confidently wrong: {path, true, ...}
+    # per image (not in to_dict): path, true and predicted class index, top-1 probability
+    samples: list[tuple[str, int, int, float]] = field(default_factory=list, repr=False)
+
+    @property
+    def tta_gain(self) -> float | None:
+        return None if self.accuracy_without_tta is None else self.accuracy - self.accuracy_without_tta
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        d.pop("samples")
+        d["tta_gain"] = self.tta_gain
+        return d
 
     def format(self) -> str:
         width = max(12, *(len(c) for c in self.classes))
@@ -57,6 +80,13 @@ class EvalResult:
         idx_width = max(5, *(len(str(v)) for row in self.confusion_matrix for v in row))
         lines += ["", "confusion matrix (rows: true, columns: predicted; classes in the order above)"]
         lines += [" ".join(f"{v:>{idx_width}d}" for v in row) for row in self.confusion_matrix]
+        if self.most_confused:
+            lines += ["", "most confused (true -> predicted: count)"]
+            lines += [f"  {m['true']} -> {m['predicted']}: {m['count']}" for m in self.most_confused[:5]]
+        lines += ["", f"calibration: ECE {self.ece:.4f} (15 bins), temperature {self.temperature:.3f}"]
+        if self.tta_gain is not None:
+            lines += [f"test-time augmentation: accuracy {self.accuracy:.4f} vs {self.accuracy_without_tta:.4f} "
+                      f"without ({self.tta_gain:+.4f})"]  # fmt: skip
         if self.skipped:
             lines += ["", f"{len(self.skipped)} unreadable file(s) skipped:"]
             lines += [f"  {s['path']}: {s['reason']}" for s in self.skipped]
@@ -69,7 +99,15 @@ def compute_metrics(
     classes: list[str],
     split: str = "test",
     skipped: list[dict[str, str]] | None = None,
+    *,
+    paths: list[str] | None = None,
+    temperature: float = 1.0,
+    plain_logits: torch.Tensor | None = None,
 ) -> EvalResult:
+    """`logits` are what the model predicts (after temperature scaling and TTA averaging, as log-probabilities);
+    `plain_logits`, when TTA was used, the single-view ones, for the TTA gain."""
+    from imgtune.calibration import expected_calibration_error, reliability
+
     c = len(classes)
     logits, labels = logits.float(), labels.long()
     n = len(labels)
@@ -82,6 +120,26 @@ def compute_metrics(
     f1 = multiclass_f1_score(logits, labels, **kw)
     support = torch.bincount(labels, minlength=c)
     present = support > 0
+    weights = support.double() / max(1, n)
+    probs = logits.softmax(1)
+    conf, pred = probs.max(1)
+    cm = multiclass_confusion_matrix(logits, labels, num_classes=c)
+    off = cm.clone().fill_diagonal_(0)
+    order = off.flatten().argsort(descending=True)
+    most_confused = [
+        {"true": classes[int(i) // c], "predicted": classes[int(i) % c], "count": int(off.flatten()[i])}
+        for i in order[:10]
+        if off.flatten()[i] > 0
+    ]
+    nll = F.cross_entropy(logits, labels, reduction="none")
+    wrong = (pred != labels).nonzero().view(-1)
+    worst = wrong[nll[wrong].argsort(descending=True)][:16]
+    names = paths or [""] * n
+    top_losses = [
+        {"path": names[i], "true": classes[int(labels[i])], "predicted": classes[int(pred[i])],
+         "confidence": float(conf[i]), "loss": float(nll[i])}
+        for i in worst.tolist()
+    ]  # fmt: skip
     per_class = [
         ClassMetrics(classes[i], float(precision[i]), float(recall[i]), float(f1[i]), int(support[i])) for i in range(c)
     ]
@@ -95,6 +153,22 @@ def compute_metrics(
         macro_f1=float(f1[present].mean()),
         balanced_accuracy=float(recall[present].mean()),
         per_class=per_class,
-        confusion_matrix=multiclass_confusion_matrix(logits, labels, num_classes=c).tolist(),
+        confusion_matrix=cm.tolist(),
         skipped=list(skipped or []),
+        macro_precision=float(precision[present].mean()),
+        macro_recall=float(recall[present].mean()),
+        weighted_precision=float((precision.double() * weights).sum()),
+        weighted_recall=float((recall.double() * weights).sum()),
+        weighted_f1=float((f1.double() * weights).sum()),
+        confusion_normalized=(cm.double() / cm.sum(1, keepdim=True).clamp(min=1)).tolist(),
+        most_confused=most_confused,
+        ece=expected_calibration_error(probs, labels),
+        reliability=[vars(b) for b in reliability(probs, labels)],
+        temperature=temperature,
+        tta=plain_logits is not None,
+        accuracy_without_tta=(
+            float((plain_logits.argmax(1) == labels).float().mean()) if plain_logits is not None else None
+        ),
+        top_losses=top_losses,
+        samples=[(names[i], int(labels[i]), int(pred[i]), float(conf[i])) for i in range(n)],
     )

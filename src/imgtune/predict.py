@@ -99,6 +99,26 @@ def decoded_batches(
 
 
 @dataclass
+class Scores:
+    logits: torch.Tensor  # N x classes log-probabilities of the decodable inputs
+    kept: list[int]  # their indices into the inputs
+    skipped: list[dict[str, str]]  # unreadable inputs: {path, reason}
+    plain: torch.Tensor | None = None  # with TTA: the single-view log-probabilities
+
+
+def tta_views(images: torch.Tensor) -> list[torch.Tensor]:
+    """Test-time augmentation views of prepared uint8 images: the image, its mirror, a 1.15x zoom on the
+    centre (multi-scale: the object larger, the border cropped away) and that zoom's mirror. The first view is
+    exactly what prediction without TTA sees."""
+    from torchvision.transforms.v2 import functional as TF
+
+    s = images.shape[-1]
+    inner = max(1, round(s / 1.15))
+    zoom = TF.resize(TF.center_crop(images, [inner, inner]), [s, s], antialias=True)
+    return [images, images.flip(-1), zoom, zoom.flip(-1)]
+
+
+@dataclass
 class Prediction:
     path: str
     top: list[tuple[str, float]]  # (label, probability), best first
@@ -121,14 +141,19 @@ class Predictor:
         self.display_names = display_names or list(classes)
         self.checkpoint: dict[str, Any] = {}
         self.backend = "none"
+        self.temperature = 1.0  # temperature scaling fitted with --calibrate (in the checkpoint)
 
     def logits(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 N x 3 x S x S (prepared) -> N x classes scores whose softmax is the probabilities."""
+        """uint8 N x 3 x S x S (prepared) -> N x classes scores whose softmax is the probabilities
+        (temperature scaling included)."""
         raise NotImplementedError
 
     @torch.inference_mode()
-    def probabilities(self, images: torch.Tensor) -> torch.Tensor:
-        return self.logits(images).softmax(1)
+    def probabilities(self, images: torch.Tensor, tta: bool = False) -> torch.Tensor:
+        """Softmax probabilities; with tta, averaged over `tta_views`."""
+        if not tta:
+            return self.logits(images).softmax(1)
+        return torch.stack([self.logits(v).softmax(1) for v in tta_views(images)]).mean(0)
 
     def top_k(self, probs: torch.Tensor, k: int) -> list[list[tuple[str, float]]]:
         k = max(1, min(k, len(self.classes)))
@@ -138,27 +163,42 @@ class Predictor:
             for pr, ix in zip(values, idx, strict=True)
         ]
 
-    def logits_for_paths(
-        self, paths: Sequence[Path], batch_size: int = 64, workers: int | None = None
-    ) -> tuple[torch.Tensor, list[int], list[dict[str, str]]]:
-        """Logits for every decodable path, the indices they belong to, and the unreadable files."""
+    def scores_for_paths(
+        self, paths: Sequence[Path], batch_size: int = 64, workers: int | None = None, tta: bool = False
+    ) -> Scores:
+        """Log-probabilities for every decodable path (TTA-averaged with tta), the indices they belong to, the
+        unreadable files; decoding runs in worker processes, overlapping the model's compute."""
         if workers is None:
             workers = 0 if (os.cpu_count() or 1) <= 2 else min(4, (os.cpu_count() or 2) - 1)
         chunks: list[torch.Tensor] = []
+        plain: list[torch.Tensor] = []
         kept: list[int] = []
         skipped: list[dict[str, str]] = []
         for images, idx, bad in decoded_batches(paths, self.prep, batch_size, workers):
             for i, reason in bad:
                 log.warning("skipped unreadable image %s: %s", paths[i], reason)
                 skipped.append({"path": str(paths[i]), "reason": reason})
-            if images is not None:
-                chunks.append(self.logits(images))
-                kept += idx
-        logits = torch.cat(chunks) if chunks else torch.empty(0, len(self.classes))
-        return logits, kept, skipped
+            if images is None:
+                continue
+            with torch.inference_mode():
+                if tta:
+                    views = [self.logits(v).log_softmax(1) for v in tta_views(images)]
+                    plain.append(views[0])
+                    chunks.append(torch.stack(views).exp().mean(0).clamp_min(1e-12).log())
+                else:
+                    chunks.append(self.logits(images).log_softmax(1))
+            kept += idx
+        empty = torch.empty(0, len(self.classes))
+        single = (torch.cat(plain) if plain else empty) if tta else None
+        return Scores(torch.cat(chunks) if chunks else empty, kept, skipped, single)
 
     def evaluate(
-        self, pairs: Sequence[tuple[Path, str]], split: str = "test", batch_size: int = 64, workers: int | None = None
+        self,
+        pairs: Sequence[tuple[Path, str]],
+        split: str = "test",
+        batch_size: int = 64,
+        workers: int | None = None,
+        tta: bool = False,
     ) -> EvalResult:
         """Metrics on (file, class name) pairs; classes are matched to the model's by name."""
         index = {c: i for i, c in enumerate(self.classes)}
@@ -166,16 +206,24 @@ class Predictor:
         if unknown:
             raise DataError(f"class(es) {unknown} in the {split} data are not classes of this model ({self.classes})")
         paths = [p for p, _ in pairs]
-        logits, kept, skipped = self.logits_for_paths(paths, batch_size, workers)
-        labels = torch.tensor([index[pairs[i][1]] for i in kept], dtype=torch.long)
-        return compute_metrics(logits, labels, self.display_names, split, skipped)
+        sc = self.scores_for_paths(paths, batch_size, workers, tta)
+        labels = torch.tensor([index[pairs[i][1]] for i in sc.kept], dtype=torch.long)
+        return compute_metrics(
+            sc.logits, labels, self.display_names, split, sc.skipped, paths=[str(paths[i]) for i in sc.kept],
+            temperature=self.temperature, plain_logits=sc.plain,
+        )  # fmt: skip
 
     def predict(
-        self, paths: Sequence[Path], top_k: int = 3, batch_size: int = 64, workers: int | None = None
+        self,
+        paths: Sequence[Path],
+        top_k: int = 3,
+        batch_size: int = 64,
+        workers: int | None = None,
+        tta: bool = False,
     ) -> tuple[list[Prediction], list[dict[str, str]]]:
-        logits, kept, skipped = self.logits_for_paths(paths, batch_size, workers)
-        tops = self.top_k(logits.softmax(1), top_k)
-        return [Prediction(str(paths[i]), top) for i, top in zip(kept, tops, strict=True)], skipped
+        sc = self.scores_for_paths(paths, batch_size, workers, tta)
+        tops = self.top_k(sc.logits.softmax(1), top_k)
+        return [Prediction(str(paths[i]), top) for i, top in zip(sc.kept, tops, strict=True)], sc.skipped
 
 
 class TorchPredictor(Predictor):
@@ -206,6 +254,7 @@ class TorchPredictor(Predictor):
             pick_device(device),
             ckpt.get("class_names"),
         )
+        predictor.temperature = float(ckpt.get("temperature", 1.0))
         predictor.checkpoint = {k: v for k, v in ckpt.items() if k not in ("state_dict", "train_state")}
         predictor.checkpoint["path"] = str(path)
         return predictor
@@ -213,7 +262,7 @@ class TorchPredictor(Predictor):
     @torch.inference_mode()
     def logits(self, images: torch.Tensor) -> torch.Tensor:
         out: torch.Tensor = self.model(images.to(self.device, non_blocking=True)).float().cpu()
-        return out
+        return out / self.temperature if self.temperature != 1.0 else out
 
 
 class OnnxPredictor(Predictor):
@@ -256,6 +305,53 @@ class OnnxPredictor(Predictor):
         return torch.from_numpy(probs).clamp_min(1e-12).log()  # log-probabilities: softmax gives them back
 
 
+class EnsemblePredictor(Predictor):
+    """Weighted mean of several models' probabilities. Each member keeps its own preprocessing (input size,
+    mean/std) and temperature, so different architectures and sizes combine; classes are matched by name."""
+
+    def __init__(self, members: Sequence[Predictor], weights: Sequence[float] | None = None) -> None:
+        if len(members) < 2:
+            raise InputError("an ensemble needs at least two runs")
+        first = members[0]
+        for m in members[1:]:
+            if sorted(m.classes) != sorted(first.classes):
+                raise InputError(
+                    f"{m.checkpoint.get('path', 'a run')} has classes {m.classes}, but "
+                    f"{first.checkpoint.get('path', 'the first run')} has {first.classes}: they cannot be ensembled"
+                )
+        w = list(weights) if weights is not None else [1.0] * len(members)
+        if len(w) != len(members) or any(x < 0 for x in w) or sum(w) <= 0:
+            raise InputError(f"ensemble weights {w}: need one non-negative weight per run ({len(members)}), not all 0")
+        super().__init__(first.prep, first.classes, first.display_names)
+        self.members = list(members)
+        self.weights = [x / sum(w) for x in w]
+        self.backend = "ensemble of " + ", ".join(m.backend for m in members)
+        self.checkpoint = {"path": " + ".join(str(m.checkpoint.get("path", "?")) for m in members)}
+        # column order of each member -> the first member's class order
+        self.columns = [[m.classes.index(c) for c in first.classes] for m in members]
+
+    def logits(self, images: torch.Tensor) -> torch.Tensor:
+        raise InputError("an ensemble takes files (each member decodes at its own size), not a prepared batch")
+
+    def scores_for_paths(
+        self, paths: Sequence[Path], batch_size: int = 64, workers: int | None = None, tta: bool = False
+    ) -> Scores:
+        parts = [m.scores_for_paths(paths, batch_size, workers, tta) for m in self.members]
+        common = sorted(set.intersection(*(set(p.kept) for p in parts)))  # unreadable for any member: skipped
+
+        def mix(tensors: list[torch.Tensor]) -> torch.Tensor:
+            total = torch.zeros(len(common), len(self.classes))
+            for t, part, cols, w in zip(tensors, parts, self.columns, self.weights, strict=True):
+                where = {k: j for j, k in enumerate(part.kept)}
+                rows = [where[i] for i in common]
+                total += w * t[rows][:, cols].exp()
+            return total.clamp_min(1e-12).log()
+
+        skipped = {s["path"]: s for p in parts for s in p.skipped}
+        plain = mix([p.plain for p in parts if p.plain is not None]) if tta else None
+        return Scores(mix([p.logits for p in parts]), common, list(skipped.values()), plain)
+
+
 def load_predictor(run: Path | str, device: str = "auto", backend: str = "torch") -> Predictor:
     if backend == "torch":
         return TorchPredictor.load(run, device)
@@ -288,5 +384,17 @@ def predictions_csv(rows: Sequence[Prediction], top_k: int) -> str:
     return buf.getvalue()
 
 
-def write_predictions(path: Path, rows: Sequence[Prediction], top_k: int) -> None:
-    atomic_write_text(Path(path), predictions_csv(rows, top_k))
+def submission_csv(rows: Sequence[Prediction], id_from: str = "stem") -> str:
+    """Kaggle-style `id,label`: the id is the file's stem ("stem"), name ("name") or path ("path")."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["id", "label"])
+    for row in rows:
+        path = Path(row.path)
+        ident = {"stem": path.stem, "name": path.name, "path": row.path}[id_from]
+        writer.writerow([spreadsheet_safe(ident), spreadsheet_safe(row.label)])
+    return buf.getvalue()
+
+
+def write_predictions(path: Path, text: str) -> None:
+    atomic_write_text(Path(path), text)
