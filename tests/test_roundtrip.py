@@ -14,7 +14,6 @@ import yaml
 from typer.testing import CliRunner
 
 import imgtune
-from conftest import FASHION_DIR
 from imgtune.cli import app
 from imgtune.runs import METRIC_COLUMNS
 
@@ -147,21 +146,6 @@ def test_bad_inputs_give_clear_errors(make_dataset: Callable[..., Path], tmp_pat
     (out / "x").write_text("")
     with pytest.raises(FileExistsError, match="not empty"):
         imgtune.train(_config(root, out))
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(not FASHION_DIR.is_dir(), reason="Debian package dataset-fashion-mnist not installed")
-def test_real_fashion_mnist_end_to_end(tmp_path: Path) -> None:
-    """The demo's path in miniature: real IDX files -> PNG folders -> fine-tune -> official test set."""
-    data = tmp_path / "fm"
-    res = runner.invoke(app, ["data", "fashion-mnist", str(data), "--per-class", "30", "--valid-per-class", "10"])
-    assert res.exit_code == 0, res.output
-    cfg = imgtune.build_config(
-        overrides={"data.path": data, "out": tmp_path / "run", "data.img_size": 48, "train.epochs": 1}
-    )
-    result = imgtune.train(cfg)
-    assert result.test is not None and result.test.n == 10_000
-    assert result.test.accuracy > 0.6  # 10 classes, 300 training images: chance is 0.1
 
 
 def test_predict_lists_every_input_once_and_every_unreadable_one(

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -20,10 +19,8 @@ import pytest
 import uvicorn
 
 import imgtune
-from conftest import bomb_png, small_dataset
+from conftest import CHROMIUM, bomb_png, launch_chromium, small_dataset
 from imgtune.serve import create_app, is_loopback
-
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
 def free_port() -> int:
@@ -185,11 +182,7 @@ def test_web_page_in_headless_chromium(url: str, valid_images: list[tuple[Path, 
 
     path, label = next((p, lab) for p, lab in valid_images if lab == p.parent.name == "green")
     with sync_playwright() as pw:
-        browser = pw.chromium.launch(
-            executable_path=CHROMIUM,
-            args=["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync"],
-        )  # fmt: skip
+        browser = launch_chromium(pw)
         page = browser.new_page(viewport={"width": 390, "height": 844})  # a phone-width screen
         external: list[str] = []
         page.on("request", lambda r: external.append(r.url) if not r.url.startswith(url) else None)

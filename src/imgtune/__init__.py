@@ -6,18 +6,21 @@ result = imgtune.train(cfg)
 print(imgtune.evaluate(result.run_dir, "data/fashion-mnist").accuracy)
 """
 
-from imgtune.api import PredictResult, TrainResult, evaluate, load, predict, resume, train
-from imgtune.config import Config, ConfigError, build_config
+from imgtune.api import PredictResult, TrainResult, calibrate, evaluate, load, predict, resume, train
+from imgtune.compare import compare
+from imgtune.config import RECIPES, Config, ConfigError, build_config
 from imgtune.metrics import EvalResult
 from imgtune.models import Classifier, create_model
-from imgtune.predict import OnnxPredictor, Predictor, TorchPredictor
+from imgtune.predict import EnsemblePredictor, OnnxPredictor, Predictor, TorchPredictor
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "RECIPES",
     "Classifier",
     "Config",
     "ConfigError",
+    "EnsemblePredictor",
     "EvalResult",
     "OnnxPredictor",
     "PredictResult",
@@ -25,6 +28,8 @@ __all__ = [
     "TorchPredictor",
     "TrainResult",
     "build_config",
+    "calibrate",
+    "compare",
     "create_model",
     "evaluate",
     "load",

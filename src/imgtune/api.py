@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from imgtune.calibration import Calibration
 from imgtune.checkpoint import resolve_checkpoint
 from imgtune.data import DataError, find_split_folders, load_class_names, read_split_csv, scan_folder
 from imgtune.metrics import EvalResult
@@ -100,6 +101,29 @@ def evaluate(
     return predictor.evaluate(pairs, split, batch_size, workers, tta=tta)
 
 
+def calibrate(
+    run: Path | str,
+    data: Path | str,
+    split: str = "valid",
+    *,
+    batch_size: int = 64,
+    device: str = "auto",
+    workers: int | None = None,
+) -> Calibration:
+    """Fit temperature scaling for RUN's best checkpoint on a labelled split (validation: never test) and
+    store it in the checkpoint, where predict, eval, export and serve pick it up."""
+    from imgtune.calibration import calibrate_predictor
+    from imgtune.checkpoint import load_checkpoint, save_checkpoint
+
+    path = resolve_checkpoint(Path(run))
+    predictor = load_predictor(path, device)
+    fit = calibrate_predictor(predictor, eval_samples(Path(data), split, _first_run_dir(run)), batch_size, workers)
+    ckpt = load_checkpoint(path)
+    ckpt["temperature"] = fit.temperature
+    save_checkpoint(path, ckpt)
+    return fit
+
+
 @dataclass
 class PredictResult:
     rows: list[Prediction]
@@ -151,6 +175,7 @@ def predict(
 __all__ = [
     "PredictResult",
     "TrainResult",
+    "calibrate",
     "eval_samples",
     "evaluate",
     "load",

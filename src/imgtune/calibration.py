@@ -6,10 +6,16 @@ T > 1 softens an over-confident model; the argmax, hence accuracy, never changes
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from imgtune.predict import Predictor
 
 BINS = 15
 
@@ -59,3 +65,32 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, steps: int = 200
 
     opt.step(closure)
     return float(log_t.detach().exp())
+
+
+@dataclass
+class Calibration:
+    temperature: float
+    ece_before: float
+    ece_after: float
+    n: int
+
+    def to_summary(self) -> dict[str, float]:
+        return {"temperature": self.temperature, "valid_ece_before": self.ece_before, "valid_ece_after": self.ece_after}
+
+
+def calibrate_predictor(
+    predictor: Predictor, pairs: Sequence[tuple[Path, str]], batch_size: int = 64, workers: int | None = None
+) -> Calibration:
+    """Fit the predictor's temperature on labelled (file, class) pairs - the validation split, never the test
+    split - and set it on the predictor. Returns the fit and the ECE before and after."""
+    index = {c: i for i, c in enumerate(predictor.classes)}
+    predictor.temperature = 1.0
+    scores = predictor.scores_for_paths([p for p, _ in pairs], batch_size, workers)
+    labels = torch.tensor([index[pairs[i][1]] for i in scores.kept], dtype=torch.long)
+    if not len(labels):
+        raise ValueError("no readable labelled images to calibrate on")
+    before = expected_calibration_error(scores.logits.softmax(1), labels)
+    temperature = fit_temperature(scores.logits, labels)
+    after = expected_calibration_error((scores.logits / temperature).softmax(1), labels)
+    predictor.temperature = temperature
+    return Calibration(temperature, before, after, len(labels))

@@ -519,6 +519,21 @@ def eval_(
 
 
 @app.command()
+def calibrate(
+    run: Annotated[Path, typer.Argument(help="Run folder or checkpoint file.")],
+    data: Annotated[Path, typer.Argument(help="Dataset folder.")],
+    split: Annotated[str, typer.Option(help="The labelled split to fit on (not the test split).")] = "valid",
+    device: Annotated[Device, typer.Option()] = "auto",
+) -> None:
+    """Fit temperature scaling on the validation split and store it in the checkpoint (predict uses it)."""
+    from imgtune.api import calibrate as run_calibrate
+
+    fit = run_calibrate(run, data, split, device=device)
+    typer.echo(f"temperature {fit.temperature:.4f}: {split} ECE {fit.ece_before:.4f} -> {fit.ece_after:.4f} "
+               f"({fit.n} images); stored in the checkpoint")  # fmt: skip
+
+
+@app.command()
 def predict(
     items: Annotated[
         list[str], typer.Argument(help="RUN [RUN ... with --ensemble] then image files, folders (recursive), globs.")

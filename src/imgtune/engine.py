@@ -397,7 +397,8 @@ class Trainer:
         stage_task = self.progress.task(f"stage {stage.number} epochs", stage.epochs) if stage.cheap_epochs else None
         while st.stage_epochs_done < stage.epochs:
             # the time budget (train.max_minutes), agreed across ranks so that all stop together
-            if self.deadline is not None and self.dist.any(time.monotonic() > self.deadline)[0]:
+            over = self.deadline is not None and st.epoch > 0 and time.monotonic() > self.deadline  # >= 1 epoch
+            if self.deadline is not None and self.dist.any(over)[0]:
                 log.info("time budget used up: no more epochs (stage %d, %d done)", stage.number, st.stage_epochs_done)
                 st.stopped_early = True
                 break

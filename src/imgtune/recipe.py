@@ -431,20 +431,14 @@ def _finish(
 def _calibrate(wb: Workbench, run: RunFolder, best: dict[str, Any], predictor: TorchPredictor) -> dict[str, float]:
     """Temperature scaling fitted on the validation images; written into best.pt, which predict, eval, export
     and serve read. Accuracy is unchanged; confidence comes closer to it."""
-    from imgtune.calibration import expected_calibration_error, fit_temperature
+    from imgtune.calibration import calibrate_predictor
 
-    index = {c: i for i, c in enumerate(wb.split.classes)}
-    paths = [x.path for x in wb.valid_samples]
-    scores = predictor.scores_for_paths(paths, wb.eval_batch, wb.workers)
-    labels = torch.tensor([index[wb.split.classes[wb.valid_samples[i].label]] for i in scores.kept])
-    before = expected_calibration_error(scores.logits.softmax(1), labels)
-    temperature = fit_temperature(scores.logits, labels)
-    after = expected_calibration_error((scores.logits / temperature).softmax(1), labels)
-    best["temperature"] = temperature
+    pairs = [(x.path, wb.split.classes[x.label]) for x in wb.valid_samples]
+    fit = calibrate_predictor(predictor, pairs, wb.eval_batch, wb.workers)
+    best["temperature"] = fit.temperature
     save_checkpoint(run.best, best)
-    predictor.temperature = temperature
-    log.info("calibration: temperature %.3f; valid ECE %.4f -> %.4f", temperature, before, after)
-    return {"temperature": temperature, "valid_ece_before": before, "valid_ece_after": after}
+    log.info("calibration: temperature %.3f; valid ECE %.4f -> %.4f", fit.temperature, fit.ece_before, fit.ece_after)
+    return fit.to_summary()
 
 
 def _finetune_stage(wb: Workbench) -> Stage:

@@ -1,0 +1,210 @@
+"""Evaluation and reports: report.html in a real browser, calibration, TTA, ensembles, submissions, compare."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import imgtune
+from conftest import CHROMIUM, FASHION_DIR, launch_chromium, write_class_folders
+from imgtune.checkpoint import load_checkpoint, save_checkpoint
+from imgtune.cli import app
+from imgtune.predict import InputError, TorchPredictor, tta_views
+
+runner = CliRunner()
+PLOTS = {"curves.png", "lr.png", "confusion_matrix.png", "reliability.png", "predictions.png", "top_losses.png",
+         "samples.png"}  # fmt: skip
+
+
+def _train(data: Path, out: Path, **extra: object) -> imgtune.TrainResult:
+    overrides = {"data.path": data, "out": out, "data.img_size": 48, "data.batch_size": 8, "train.epochs_frozen": 8,
+                 "train.epochs": 1, **extra}  # fmt: skip
+    return imgtune.train(imgtune.build_config(overrides=overrides))
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("rep") / "ds"
+    write_class_folders(root / "train", 12, seed=1)
+    write_class_folders(root / "valid", 6, seed=2)
+    write_class_folders(root / "test", 6, seed=3, fmt="jpg")
+    run = root.parent / "run"
+    _train(root, run)
+    return root, run
+
+
+def _page_numbers(page_file: Path) -> tuple[dict[str, str], list[str], list[str]]:
+    """Open the page in headless Chromium: (data-metric values, images that failed to load, requests made)."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        browser = launch_chromium(pw)
+        page = browser.new_page()
+        requests: list[str] = []
+        page.on("request", lambda r: requests.append(r.url))
+        page.goto(page_file.as_uri())
+        page.wait_for_load_state("load")
+        broken = page.eval_on_selector_all(
+            "img", "imgs => imgs.filter(i => !(i.complete && i.naturalWidth > 0)).map(i => i.alt)"
+        )
+        count = page.eval_on_selector_all("img", "imgs => imgs.length")
+        metrics = page.eval_on_selector_all(
+            "[data-metric]", "els => Object.fromEntries(els.map(e => [e.dataset.metric, e.textContent]))"
+        )
+        browser.close()
+    assert count >= 6
+    return metrics, broken, [u for u in requests if not u.startswith(("file:", "data:"))]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (FASHION_DIR / "train-images-idx3-ubyte.gz").is_file(), reason="no Fashion-MNIST package")
+@pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed")
+def test_fashion_mnist_report_opens_in_chromium_and_matches_eval_json(tmp_path: Path) -> None:
+    """The demo's path in miniature: real IDX files -> PNG folders -> fine-tune -> official test set -> report."""
+    data = tmp_path / "fm"
+    res = runner.invoke(app, ["data", "fashion-mnist", str(data), "--per-class", "30", "--valid-per-class", "10"])
+    assert res.exit_code == 0, res.output
+    run = tmp_path / "run"
+    result = _train(data, run, **{"data.batch_size": 32, "train.epochs_frozen": 30})
+    assert result.test is not None and result.test.n == 10_000
+    assert result.test.accuracy > 0.6  # 10 classes, 300 training images: chance is 0.1
+    assert {p.name for p in (run / "plots").iterdir()} >= PLOTS
+    metrics, broken, external = _page_numbers(run / "report.html")
+    assert broken == [] and external == []
+    ev = runner.invoke(app, ["eval", str(run), str(data), "--json", "--no-report"])
+    assert ev.exit_code == 0, ev.output
+    js = json.loads(ev.stdout)
+    assert int(metrics["n"]) == js["n"] == 10_000
+    for key in ("accuracy", "top5", "loss", "macro_f1", "macro_precision", "weighted_f1", "balanced_accuracy", "ece"):
+        assert metrics[key] == f"{js[key]:.4f}", key
+
+
+def test_eval_writes_plots_and_a_self_contained_report(shapes: tuple[Path, Path]) -> None:
+    root, run = shapes
+    (run / "report.html").unlink()
+    res = runner.invoke(app, ["eval", str(run), str(root), "--json"])
+    assert res.exit_code == 0, res.output
+    js = json.loads(res.stdout)
+    assert {p.name for p in (run / "plots").iterdir()} >= PLOTS
+    text = (run / "report.html").read_text()
+    assert "http://" not in text and "https://" not in text  # nothing fetched from elsewhere
+    assert f'data-metric="accuracy">{js["accuracy"]:.4f}<' in text
+    assert len(js["confusion_normalized"]) == 3 and all(abs(sum(r) - 1) < 1e-6 for r in js["confusion_normalized"])
+    assert 0 <= js["ece"] <= 1 and len(js["reliability"]) == 15
+    assert js["weighted_f1"] > 0 and js["macro_recall"] == pytest.approx(js["balanced_accuracy"])
+    wrong = js["n"] - round(js["accuracy"] * js["n"])
+    assert len(js["top_losses"]) == min(16, wrong)
+    assert [m["loss"] for m in js["top_losses"]] == sorted((m["loss"] for m in js["top_losses"]), reverse=True)
+
+
+def test_temperature_scaling_lowers_ece_of_an_over_confident_model(shapes: tuple[Path, Path], tmp_path: Path) -> None:
+    _, run = shapes
+    ckpt = load_checkpoint(run / "checkpoints" / "best.pt")
+    head = [k for k in ckpt["state_dict"] if k.startswith("head.") and k.endswith((".weight", ".bias"))]
+    for k in head[-2:]:  # the classifier layer x 15: the same argmax, wildly over-confident probabilities
+        ckpt["state_dict"][k] = ckpt["state_dict"][k] * 15
+    hot = tmp_path / "run" / "checkpoints" / "best.pt"
+    hot.parent.mkdir(parents=True)
+    save_checkpoint(hot, ckpt)
+    root = write_class_folders(tmp_path / "more" / "valid", 40, seed=7).parent  # 120 images: ECE means something
+    before = imgtune.evaluate(hot, root, "valid")
+    res = runner.invoke(app, ["calibrate", str(hot), str(root)])
+    assert res.exit_code == 0, res.output
+    fit_t = load_checkpoint(hot)["temperature"]
+    assert fit_t > 1.5  # softened
+    after = imgtune.evaluate(hot, root, "valid")
+    assert after.temperature == pytest.approx(fit_t)
+    assert after.ece < before.ece
+    assert after.accuracy == before.accuracy  # temperature never changes the argmax
+    out = tmp_path / "p.csv"
+    imgtune.predict(hot, [root / "valid"], out=out)
+    conf = [float(r["confidence"]) for r in csv.DictReader(out.open())]
+    assert max(conf) < 0.9999  # predict uses the stored temperature
+
+
+def test_tta_views_and_gain(shapes: tuple[Path, Path]) -> None:
+    root, run = shapes
+    images = torch.randint(0, 256, (2, 3, 48, 48), dtype=torch.uint8)
+    views = tta_views(images)
+    assert len(views) == 4 and all(v.shape == images.shape and v.dtype == torch.uint8 for v in views)
+    assert torch.equal(views[0], images) and torch.equal(views[1], images.flip(-1))
+    predictor = TorchPredictor.load(run, "cpu")
+    probs = predictor.probabilities(images, tta=True)
+    assert probs.shape == (2, 3) and torch.allclose(probs.sum(1), torch.ones(2))
+    plain = imgtune.evaluate(run, root, "test")
+    tta = imgtune.evaluate(run, root, "test", tta=True)
+    assert tta.tta and tta.accuracy_without_tta == pytest.approx(plain.accuracy)
+    assert tta.accuracy >= plain.accuracy  # fixed seed: TTA improves or matches
+    assert tta.to_dict()["tta_gain"] == pytest.approx(tta.accuracy - plain.accuracy)
+
+
+def test_ensemble_of_two_architectures_and_input_sizes(shapes: tuple[Path, Path], tmp_path: Path) -> None:
+    root, run = shapes
+    other = tmp_path / "cnn"
+    _train(root, other, **{"model.name": "cnn5", "model.pretrained": False, "data.img_size": 32,
+                           "train.epochs": 4, "train.optimizer": "sgd", "train.lr": 0.05})  # fmt: skip
+    single = [imgtune.evaluate(r, root, "test").accuracy for r in (run, other)]
+    ens = runner.invoke(app, ["eval", str(run), str(other), str(root), "--ensemble", "--json"])
+    assert ens.exit_code == 0, ens.output
+    acc = json.loads(ens.stdout)["accuracy"]
+    assert acc >= min(single)  # improves on or matches a single model
+    # weights 1, 0: exactly the first model's predictions
+    files = sorted((root / "test").rglob("*.jpg"))
+    first = imgtune.predict(run, files, top_k=3)
+    weighted = imgtune.predict([run, other], files, top_k=3, weights=[1.0, 0.0])
+    for a, b in zip(first.rows, weighted.rows, strict=True):
+        assert a.label == b.label and a.confidence == pytest.approx(b.confidence, abs=1e-5)
+    res = runner.invoke(app, ["predict", str(run), str(other), str(files[0]), "--ensemble", "--weights", "1,2,3"])
+    assert isinstance(res.exception, InputError) and "weights" in str(res.exception)
+
+
+def test_submission_for_an_unlabelled_test_folder_with_display_names(shapes: tuple[Path, Path], tmp_path: Path) -> None:
+    root, run = shapes
+    unlabelled = tmp_path / "test"
+    unlabelled.mkdir()
+    for i, f in enumerate(sorted((root / "test").rglob("*.jpg"))[:7]):
+        (unlabelled / f"img_{i:03d}.jpg").write_bytes(f.read_bytes())
+    names = tmp_path / "names.json"
+    names.write_text(json.dumps({"red": "Red square", "green": "Green square", "blue": "Blue square"}))
+    out = tmp_path / "submission.csv"
+    res = runner.invoke(app, ["predict", str(run), str(unlabelled), "--format", "submission", "--id-from", "stem",
+                              "--class-names", str(names), "--out", str(out)])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    rows = list(csv.reader(io.StringIO(out.read_text())))
+    assert rows[0] == ["id", "label"]
+    assert sorted(r[0] for r in rows[1:]) == [f"img_{i:03d}" for i in range(7)]
+    assert {r[1] for r in rows[1:]} <= {"Red square", "Green square", "Blue square"}
+
+
+def test_compare_pretrained_vs_scratch_on_one_split(tmp_path: Path) -> None:
+    data = write_class_folders(tmp_path / "single", 10, seed=4)  # one folder: imgtune makes the split
+    out = tmp_path / "cmp"
+    res = runner.invoke(app, ["compare", str(data), "--models", "tf_efficientnet_lite0", "--pretrained-vs-scratch",
+                              "--img-size", "48", "--epochs-frozen", "4", "--epochs", "1", "--batch-size", "8",
+                              "--out", str(out)])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert [r["variant"] for r in rows] == ["tf_efficientnet_lite0 pretrained", "tf_efficientnet_lite0 scratch"]
+    assert [r["pretrained"] for r in rows] == ["True", "False"]
+    runs = [Path(r["run"]) for r in rows]
+    valid = [
+        {x["path"] for x in csv.DictReader((r / "split.csv").open()) if x["split"] == "valid"}
+        if (r / "split.csv").is_file() else None
+        for r in runs
+    ]  # fmt: skip
+    scratch_cfg = (runs[1] / "config.yaml").read_text()
+    assert valid[0] and "split_file: " + str(runs[0] / "split.csv") in scratch_cfg  # the same validation images
+    page = (out / "compare.html").read_text()
+    assert "data:image/png;base64," in page and "tf_efficientnet_lite0 scratch" in page
+
+
+def test_time_budget_stops_training(shapes: tuple[Path, Path], tmp_path: Path) -> None:
+    root, _ = shapes
+    r = _train(root, tmp_path / "b", **{"train.epochs": 50, "train.max_minutes": 0.0001, "train.report": False})
+    assert r.summary["stopped_early"] and r.summary["epochs_run"] < 58
