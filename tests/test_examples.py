@@ -13,6 +13,7 @@ import imgtune
 from conftest import small_dataset, write_class_folders
 from imgtune.recipe import prepare
 from imgtune.runs import RunFolder
+from imgtune.scratch import is_builtin
 
 EXAMPLES = sorted((Path(__file__).resolve().parents[1] / "examples").glob("*.yaml"))
 
@@ -23,14 +24,16 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_there_are_examples() -> None:
-    assert {p.stem for p in EXAMPLES} >= {"fruit_vgg16", "flowers_resnet18", "imagewoof_resnet50"}
+    assert {p.stem for p in EXAMPLES} >= {
+        "fruit_vgg16", "flowers_resnet18", "imagewoof_resnet50", "cifar10_resnet18_scratch"
+    }  # fmt: skip
 
 
 @pytest.mark.parametrize("example", EXAMPLES, ids=lambda p: p.stem)
 def test_example_config_takes_a_step(example: Path, data: Path, tmp_path: Path) -> None:
     overrides = {"data.path": data, "data.img_size": 32, "data.batch_size": 4, "model.pretrained": False}
     cfg = imgtune.build_config(example, overrides)
-    assert cfg.model.name.endswith("tv_in1k")
+    assert cfg.model.name.endswith("tv_in1k") or is_builtin(cfg.model.name)
     wb = prepare(cfg)
     if cfg.model.head:
         linears = [m for m in wb.model.head if isinstance(m, torch.nn.Linear)]
