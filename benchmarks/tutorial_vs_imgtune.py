@@ -1,0 +1,126 @@
+"""Side by side, in one run: the tutorial-style loop (tutorial_baseline.py) vs imgtune's default recipe on the
+same image folder, model (tf_efficientnet_lite0, offline ImageNet weights) and input size. Writes a table of
+wall time, images/s, accuracies, time to reach the baseline's final valid accuracy, predict throughput and
+peak RSS, with imgtune/baseline ratios, to benchmarks/results/tutorial_vs_imgtune.md.
+
+Reference workload (the speed issue): imgtune data fashion-mnist data/fm-bench --per-class 300 --valid-per-class 100
+
+usage: python benchmarks/tutorial_vs_imgtune.py [--data data/fm-bench] [--img-size 112]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+BIN = Path(sys.executable).parent
+
+
+def timed(cmd: list[str]) -> tuple[str, list[tuple[float, str]], float, float]:
+    """Run cmd under /usr/bin/time: (stdout, [(seconds since start, stderr line)], wall seconds, peak RSS GB)."""
+    start = time.monotonic()
+    proc = subprocess.Popen(["/usr/bin/time", "-f", "PEAK_KB %M", *cmd], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    lines: list[tuple[float, str]] = []
+    assert proc.stderr is not None and proc.stdout is not None
+    for line in proc.stderr:
+        lines.append((time.monotonic() - start, line.rstrip()))
+    out = proc.stdout.read()
+    proc.wait()
+    wall = time.monotonic() - start
+    if proc.returncode != 0:
+        raise SystemExit(f"{cmd[:4]} failed:\n" + "\n".join(t for _, t in lines[-30:]))
+    peak = next(int(t.split()[1]) for _, t in lines if t.startswith("PEAK_KB"))
+    return out, lines, wall, peak / 1e6
+
+
+def imgtune_reach(lines: list[tuple[float, str]], target: float) -> float | None:
+    """Seconds until imgtune's log first shows a valid accuracy >= target (stage-1 end or a stage-2 epoch)."""
+    for t, text in lines:
+        m = re.search(r"stage 1: .* best valid acc ([0-9.]+)", text) or re.search(
+            r"epoch \d+ \(stage 2\):.*valid loss [0-9.]+ acc ([0-9.]+)", text
+        )
+        if m and float(m.group(1)) >= target:
+            return t
+    return None
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--data", type=Path, default=Path("data/fm-bench"))
+    ap.add_argument("--img-size", type=int, default=112)
+    ap.add_argument("--out", type=Path, default=HERE / "results" / "tutorial_vs_imgtune.md")
+    args = ap.parse_args()
+    imgtune = str(BIN / "imgtune")
+    if not args.data.is_dir():
+        subprocess.run([imgtune, "data", "fashion-mnist", str(args.data), "--per-class", "300",
+                        "--valid-per-class", "100", "--download"], check=True)  # fmt: skip
+
+    out, _, base_wall, base_rss = timed([sys.executable, str(HERE / "tutorial_baseline.py"), str(args.data),
+                                         "--img-size", str(args.img_size)])  # fmt: skip
+    base: dict[str, Any] = json.loads(out)
+
+    run = Path("runs/bench-imgtune")
+    shutil.rmtree(run, ignore_errors=True)
+    _, lines, it_wall, it_rss = timed([imgtune, "train", str(args.data), "--img-size", str(args.img_size),
+                                       "--out", str(run), "--no-report"])  # fmt: skip
+    summary = json.loads((run / "summary.json").read_text())
+    rows = [r.split(",") for r in (run / "metrics.csv").read_text().splitlines()[1:]]
+    stage1_s = next(t for t, text in lines if "stage 1: " in text and "epochs in" in text)
+    stage1_acc = max(float(r[6]) for r in rows if r[1] == "1")
+    stage2_ips = [float(r[8]) for r in rows if r[1] == "2"]
+    reach = imgtune_reach(lines, base["final_valid_acc"])
+
+    test_dir = args.data / "test"
+    n_test = sum(1 for p in test_dir.rglob("*.png"))
+    _, _, pred_wall, _ = timed([imgtune, "predict", str(run), str(test_dir), "--out", str(run / "pred.csv")])
+
+    b1 = [e for e in base["epochs"] if e["stage"] == 1]
+    b2 = [e for e in base["epochs"] if e["stage"] == 2]
+    b1_s = b1[-1]["elapsed"]
+    b1_acc = max(e["valid_acc"] for e in b1)
+    b2_ips = sum(e["images_per_s"] for e in b2) / len(b2)
+    it2_ips = sum(stage2_ips) / max(1, len(stage2_ips))
+    pred_ips = n_test / pred_wall
+
+    def ratio(a: float, b: float) -> str:
+        return f"{a / b:.2f}x" if b else "-"
+
+    table = [
+        "| figure | tutorial loop | imgtune | imgtune / tutorial | target |",
+        "|---|---|---|---|---|",
+        f"| wall time, whole run (s) | {base_wall:.0f} | {it_wall:.0f} | {ratio(it_wall, base_wall)} | <= 1.00x |",
+        f"| frozen stage: wall from start (s) | {b1_s:.0f} | {stage1_s:.0f} | {ratio(stage1_s, b1_s)} | <= 0.20x |",
+        f"| frozen stage: epochs | 3 | {sum(1 for r in rows if r[1] == '1')} | | more |",
+        f"| frozen stage: best valid acc | {b1_acc:.4f} | {stage1_acc:.4f} | {stage1_acc - b1_acc:+.4f} | > 0 |",
+        f"| fine-tuning: train images/s | {b2_ips:.1f} | {it2_ips:.1f} | {ratio(it2_ips, b2_ips)} | >= 1.5x |",
+        f"| final valid acc | {base['final_valid_acc']:.4f} | {rows[-1][6]} | | |",
+        f"| time to the tutorial's final valid acc (s) | {base_wall:.0f} | "
+        + (f"{reach:.0f} | {ratio(reach, base_wall)} | <= 0.33x |" if reach is not None else "not reached | | |"),
+        f"| test acc (10,000 images) | {base['test_acc']:.4f} | {summary.get('test_acc', 0):.4f} | "
+        f"{summary.get('test_acc', 0) - base['test_acc']:+.4f} | >= +0.03 |",
+        f"| predict on the test set (images/s) | {base['predict_images_per_s']:.0f} | {pred_ips:.0f} | "
+        f"{ratio(pred_ips, base['predict_images_per_s'])} | >= 3x |",
+        f"| peak RSS of training (GB) | {base_rss:.2f} | {it_rss:.2f} | | imgtune <= 2.5 |",
+    ]
+    text = (
+        f"# tutorial loop vs imgtune ({time.strftime('%Y-%m-%d %H:%M')})\n\n"
+        f"Data: {args.data} ({summary['train_images']} train, {summary['valid_images']} valid, {n_test} test), "
+        f"tf_efficientnet_lite0 (offline ImageNet weights), {args.img_size} px, one run, side by side.\n"
+        f"imgtune predict's images/s include start-up (model load) and decoding.\n\n" + "\n".join(table) + "\n"
+    )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
