@@ -10,7 +10,7 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import typer
 
@@ -35,6 +35,8 @@ from imgtune.models import ModelError
 from imgtune.predict import InputError
 from imgtune.scratch import is_builtin
 from imgtune.sources import SourceError
+
+T = TypeVar("T", int, float)
 
 app = typer.Typer(
     help="Fine-tune pretrained image classifiers on a folder of images: train, evaluate, predict.",
@@ -189,13 +191,22 @@ def _parse_sets(items: list[str] | None) -> dict[str, Any]:
     return out
 
 
-def _ints(text: str | None, flag: str) -> list[int] | None:
+def _numbers(text: str | None, flag: str, kind: type[T], example: str) -> list[T] | None:
+    """A comma-separated flag value (--head 1024,256, --weights 0.6,0.4) as a list of `kind`."""
     if text is None:
         return None
     try:
-        return [int(v) for v in text.split(",") if v.strip()]
+        return [kind(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise ConfigError(f"{flag} {text!r}: expected comma-separated integers, e.g. 500 or 1024,256") from None
+        raise ConfigError(f"{flag} {text!r}: expected comma-separated {kind.__name__}s, e.g. {example}") from None
+
+
+def _ints(text: str | None, flag: str) -> list[int] | None:
+    return _numbers(text, flag, int, "500 or 1024,256")
+
+
+def _floats(text: str | None, flag: str) -> list[float] | None:
+    return _numbers(text, flag, float, "0.6,0.4")
 
 
 @app.command()
@@ -451,15 +462,6 @@ def _report(result: Any) -> None:
 
 
 # ------------------------------------------------------------------------------------------ eval, predict
-
-
-def _floats(text: str | None, flag: str) -> list[float] | None:
-    if text is None:
-        return None
-    try:
-        return [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise ConfigError(f"{flag} {text!r}: expected comma-separated numbers, e.g. 0.6,0.4") from None
 
 
 def _is_run(item: str | Path) -> bool:

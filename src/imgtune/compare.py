@@ -113,12 +113,7 @@ def write_results(out: Path, results: list[VariantResult]) -> None:
 
 
 def _curves(results: list[VariantResult], out: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from imgtune.report import read_rows, save_figure
+    from imgtune.report import plt, read_rows, save_figure  # report selects the headless Agg backend
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for r in results:
