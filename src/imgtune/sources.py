@@ -16,6 +16,7 @@ import os
 import pickle
 import struct
 import tarfile
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -172,8 +173,17 @@ def write_folders(
     return counts
 
 
-def _params(dataset: str, per_class: int | None, valid_per_class: int, seed: int) -> dict[str, Any]:
-    return {"dataset": dataset, "per_class": per_class, "valid_per_class": valid_per_class, "seed": seed}
+def convert(
+    dataset: str, out: Path, per_class: int | None, valid_per_class: int, seed: int, read: Callable[[], Arrays]
+) -> dict[str, int]:
+    """The shared path of every `imgtune data <dataset>`: nothing to do when OUT already holds this selection,
+    else read the arrays (only then: it may download) and write the folders."""
+    out = Path(out)
+    params = {"dataset": dataset, "per_class": per_class, "valid_per_class": valid_per_class, "seed": seed}
+    done = _already_written(out, params)
+    if done is not None:
+        return done
+    return write_folders(out, read(), params, per_class, valid_per_class, seed)
 
 
 def write_fashion_mnist(
@@ -185,21 +195,19 @@ def write_fashion_mnist(
     download: bool = False,
 ) -> dict[str, int]:
     """OUT/{train,valid,test}/<class>/<index>.png; test = the official 10,000 test images. Idempotent."""
-    out = Path(out)
-    params = _params("fashion-mnist", per_class, valid_per_class, seed)
-    done = _already_written(out, params)
-    if done is not None:
-        return done
-    src = fashion_mnist_source(source, download)
-    data = Arrays(
-        classes=FASHION_MNIST_CLASSES,
-        train_x=read_idx(_find(src, "train-images-idx3-ubyte")),
-        train_y=read_idx(_find(src, "train-labels-idx1-ubyte")),
-        test_x=read_idx(_find(src, "t10k-images-idx3-ubyte")),
-        test_y=read_idx(_find(src, "t10k-labels-idx1-ubyte")),
-        origin=str(src),
-    )
-    return write_folders(out, data, params, per_class, valid_per_class, seed)
+
+    def read() -> Arrays:
+        src = fashion_mnist_source(source, download)
+        return Arrays(
+            classes=FASHION_MNIST_CLASSES,
+            train_x=read_idx(_find(src, "train-images-idx3-ubyte")),
+            train_y=read_idx(_find(src, "train-labels-idx1-ubyte")),
+            test_x=read_idx(_find(src, "t10k-images-idx3-ubyte")),
+            test_y=read_idx(_find(src, "t10k-labels-idx1-ubyte")),
+            origin=str(src),
+        )
+
+    return convert("fashion-mnist", out, per_class, valid_per_class, seed, read)
 
 
 # ------------------------------------------------------------------------------------------- CIFAR-10/100
@@ -340,10 +348,5 @@ def write_cifar(
     """CIFAR-10 or CIFAR-100 (fine labels) as PNG class folders; test = the official 10,000 test images."""
     if which not in _CIFAR:
         raise SourceError(f"unknown dataset {which!r}: choose {', '.join(_CIFAR)}")
-    out = Path(out)
-    params = _params(which, per_class, valid_per_class, seed)
-    done = _already_written(out, params)
-    if done is not None:
-        return done
-    return write_folders(out, read_cifar(which, cifar_source(which, source, download)), params, per_class,
-                         valid_per_class, seed)  # fmt: skip
+    read = lambda: read_cifar(which, cifar_source(which, source, download))  # noqa: E731
+    return convert(which, out, per_class, valid_per_class, seed, read)
