@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from imgtune.distributed import setup, wrap
+from imgtune.distributed import setup, teardown, wrap
 from imgtune.engine import STOP, Interrupted, Stage, Trainer
 from imgtune.features import tensor_batches
 from imgtune.optim import LRSchedule, OptimSettings, make_optimizer
@@ -72,4 +72,8 @@ def main(out: Path, where: str) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), sys.argv[2])
+    try:
+        main(Path(sys.argv[1]), sys.argv[2])
+    finally:
+        # a gloo group left alive at interpreter exit can abort ("terminate called without an active exception")
+        teardown()
