@@ -36,16 +36,19 @@ def load(
     *,
     weights: Sequence[float] | None = None,
     class_names: Path | str | None = None,
+    precision: str = "auto",
 ) -> Predictor:
     """A ready-to-use Predictor from a run folder or checkpoint file (backend torch), or from an exported
     model.onnx / run folder holding one (backend onnxruntime). Several runs: their weighted ensemble.
-    class_names: a JSON {folder name: display name} file that replaces the names the run was trained with."""
+    class_names: a JSON {folder name: display name} file that replaces the names the run was trained with.
+    precision: auto (bf16 on GPUs and on CPUs with native bf16, where it measured 1.5-2.5x faster, else
+    fp32), fp32, bf16 or fp16."""
     if isinstance(run, str | Path):
-        predictor = load_predictor(run, device, backend)
+        predictor = load_predictor(run, device, backend, precision)
     elif len(run) == 1:
-        predictor = load_predictor(run[0], device, backend)
+        predictor = load_predictor(run[0], device, backend, precision)
     else:
-        predictor = EnsemblePredictor([load_predictor(r, device, backend) for r in run], weights)
+        predictor = EnsemblePredictor([load_predictor(r, device, backend, precision) for r in run], weights)
     if class_names is not None:
         predictor.display_names = load_class_names(Path(class_names), predictor.classes)
     return predictor
@@ -93,10 +96,11 @@ def evaluate(
     tta: bool = False,
     weights: Sequence[float] | None = None,
     class_names: Path | str | None = None,
+    precision: str = "auto",
 ) -> EvalResult:
     """Metrics of a trained run (its best checkpoint), or of an ensemble of runs, on one labelled split of a
     dataset folder; with tta, averaged over test-time augmentation views (and the gain over one view)."""
-    predictor = load(run, device, weights=weights, class_names=class_names)
+    predictor = load(run, device, weights=weights, class_names=class_names, precision=precision)
     pairs = eval_samples(Path(data), split, _first_run_dir(run))
     return predictor.evaluate(pairs, split, batch_size, workers, tta=tta)
 
@@ -154,6 +158,7 @@ def predict(
     class_names: Path | str | None = None,
     format: str = "csv",
     id_from: str = "stem",
+    precision: str = "auto",
 ) -> PredictResult:
     """Classify files, folders (recursively, labelled or not) and globs with a run or an ensemble of runs;
     optionally write `out` (atomically): the predictions CSV, or with format="submission" a Kaggle-style
@@ -162,7 +167,7 @@ def predict(
         raise ValueError(f"format {format!r}: choose csv or submission")
     if id_from not in ("stem", "name", "path"):
         raise ValueError(f"id_from {id_from!r}: choose stem, name or path")
-    predictor = load(run, device, backend, weights=weights, class_names=class_names)
+    predictor = load(run, device, backend, weights=weights, class_names=class_names, precision=precision)
     paths = expand_inputs(inputs)
     rows, skipped = predictor.predict(paths, top_k=top_k, batch_size=batch_size, workers=workers, tta=tta)
     k = max(1, min(top_k, len(predictor.classes)))

@@ -23,6 +23,7 @@ from imgtune.config import (
     ConfigError,
     Device,
     Optimizer,
+    Precision,
     Schedule,
     build_config,
 )
@@ -265,6 +266,15 @@ def train(
     ] = None,
     patience: Annotated[int | None, typer.Option(help="Early-stopping patience in fine-tuning epochs [3].")] = None,
     precision: Annotated[str | None, typer.Option(help="auto, fp32, bf16, fp16 [auto].")] = None,
+    feature_views: Annotated[
+        int | None, typer.Option(help="Stage 1: cached features of K views per image (1 plain + K-1 augmented) [1].")
+    ] = None,
+    feature_store: Annotated[
+        str | None, typer.Option(help="Stage-1 features: ram, disk (memory-mapped in RUN/cache/) or auto [auto].")
+    ] = None,
+    compile_: Annotated[
+        bool | None, typer.Option("--compile", help="torch.compile the model for fine-tuning and evaluation.")
+    ] = None,
     deterministic: Annotated[bool | None, typer.Option("--deterministic", help="Deterministic algorithms.")] = None,
     tensorboard: Annotated[bool | None, typer.Option("--tensorboard", help="Also log to RUN/tensorboard/.")] = None,
     calibrate: Annotated[
@@ -342,6 +352,9 @@ def train(
         "train.monitor": monitor,
         "train.patience": patience,
         "train.precision": precision,
+        "train.feature_views": feature_views,
+        "train.feature_store": feature_store,
+        "train.compile": compile_,
         "train.deterministic": deterministic,
         "train.tensorboard": tensorboard,
         "train.calibrate": calibrate,
@@ -499,6 +512,9 @@ def eval_(
     batch_size: Annotated[int, typer.Option()] = 64,
     device: Annotated[Device, typer.Option()] = "auto",
     workers: Annotated[int | None, typer.Option(help="Decoding worker processes [auto].")] = None,
+    precision: Annotated[
+        Precision, typer.Option(help="auto (bf16 where native, else fp32), fp32, bf16, fp16.")
+    ] = "auto",
 ) -> None:
     """Accuracy, top-5, loss, per-class and averaged precision/recall/F1, confusion matrix, calibration."""
     if split not in ("test", "valid"):
@@ -510,7 +526,7 @@ def eval_(
 
     result = evaluate(
         runs, rest[0], split, batch_size=batch_size, device=device, workers=workers, tta=tta,
-        weights=_floats(weights, "--weights"), class_names=class_names,
+        weights=_floats(weights, "--weights"), class_names=class_names, precision=precision,
     )  # fmt: skip
     if report and len(runs) == 1 and Path(runs[0]).is_dir():
         from imgtune.report import write_report
@@ -554,6 +570,9 @@ def predict(
     device: Annotated[Device, typer.Option()] = "auto",
     workers: Annotated[int | None, typer.Option(help="Decoding worker processes [auto].")] = None,
     backend: Annotated[Backend, typer.Option(help="torch (the checkpoint) or onnxruntime (RUN/model.onnx).")] = "torch",
+    precision: Annotated[
+        Precision, typer.Option(help="auto (bf16 where native, else fp32), fp32, bf16, fp16.")
+    ] = "auto",
 ) -> None:
     """Classify images; CSV columns path,label,confidence[,top2_label,top2_confidence,...] or id,label."""
     runs, paths = _runs_first(items, ensemble, "images")
@@ -566,6 +585,7 @@ def predict(
     result = run_predict(
         runs, paths, out=out, top_k=top_k, batch_size=batch_size, device=device, workers=workers, backend=backend,
         tta=tta, weights=_floats(weights, "--weights"), class_names=class_names, format=fmt, id_from=id_from,
+        precision=precision,
     )  # fmt: skip
     if out is None:
         typer.echo(result.csv(), nl=False)
@@ -610,11 +630,17 @@ def serve(
     max_upload_mb: Annotated[float, typer.Option(help="Largest request body accepted.")] = 20.0,
     token: Annotated[str | None, typer.Option(help="Require 'Authorization: Bearer TOKEN' on every API call.")] = None,
     device: Annotated[Device, typer.Option()] = "auto",
+    precision: Annotated[
+        Precision, typer.Option(help="auto (bf16 where native, else fp32), fp32, bf16, fp16.")
+    ] = "auto",
 ) -> None:
     """Serve predictions over HTTP (POST /predict, GET /health, GET /classes) with a web page at /."""
     from imgtune.serve import serve as run_server
 
-    run_server(run, host=host, port=port, backend=backend, max_upload_mb=max_upload_mb, token=token, device=device)
+    run_server(
+        run, host=host, port=port, backend=backend, max_upload_mb=max_upload_mb, token=token, device=device,
+        precision=precision,
+    )  # fmt: skip
 
 
 def main() -> None:

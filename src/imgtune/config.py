@@ -25,6 +25,7 @@ Schedule = Literal["constant", "cosine", "onecycle", "step", "multistep", "expon
 Monitor = Literal["valid_acc", "valid_loss", "macro_f1", "balanced_acc"]
 Balance = Literal["none", "sampler", "weights"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
+FeatureStoreMode = Literal["auto", "ram", "disk"]
 ClipMode = Literal["norm", "value"]
 BnPolicy = Literal["auto", "frozen", "train"]
 BnStage1 = Literal["frozen", "train"]
@@ -85,6 +86,12 @@ class StageOverrides(_Section):
 class TrainConfig(_Section):
     epochs_frozen: int = Field(30, ge=0, description="head-only epochs (cheap: run on cached features)")
     epochs: int = Field(5, ge=0, description="fine-tuning epochs with the backbone trainable")
+    feature_views: int = Field(
+        1, ge=1, le=64, description="stage 1: cache features of K views per image (plain + K-1 augmented)"
+    )
+    feature_store: FeatureStoreMode = Field(
+        "auto", description="stage-1 features in RAM (fp16) or memory-mapped in RUN/cache/ (auto: RAM if they fit)"
+    )
     lr: float = Field(1e-3, gt=0.0, description="head learning rate in stage 1; stage 2 scales it down")
     lr_find: bool = Field(False, description="run the LR range test before each stage and use its suggestion")
     finetune_lr_scale: float = Field(0.5, gt=0.0, description="stage-2 head LR = lr * this (pretrained start)")
@@ -124,7 +131,11 @@ class TrainConfig(_Section):
         "none", description="under torchrun: LRs x world size (linear) or x its square root (sqrt), or as given"
     )
     sync_bn: bool = Field(False, description="under torchrun on GPUs: BatchNorm statistics over the global batch")
-    precision: Precision = Field("auto", description="auto: bf16 on CUDA (fp16 if no bf16), fp32 on CPU")
+    precision: Precision = Field(
+        "auto",
+        description="auto: bf16 on CUDA (fp16 if no bf16); on CPUs fp32 training, bf16 inference where native",
+    )
+    compile: bool = Field(False, description="torch.compile the model for fine-tuning and evaluation")
     deterministic: bool = Field(False, description="PyTorch deterministic algorithms")
     tensorboard: bool = Field(False, description="also log to RUN/tensorboard/")
 

@@ -26,6 +26,7 @@ from imgtune.distributed import Dist, unwrap
 from imgtune.optim import LRSchedule
 from imgtune.progress import Progress, SilentProgress, SilentTask
 from imgtune.runs import RunFolder
+from imgtune.runtime import autocast
 
 log = logging.getLogger(__name__)
 
@@ -184,6 +185,7 @@ class Trainer:
         grad_clip_mode: str = "norm",
         accumulate: int = 1,
         amp_dtype: torch.dtype | None = None,
+        eval_dtype: torch.dtype | None = None,
         monitor: str = "valid_acc",
         progress: Progress | None = None,
         tensorboard: Any = None,
@@ -201,6 +203,7 @@ class Trainer:
         self.eval_loss = nn.CrossEntropyLoss(reduction="sum")
         self.grad_clip, self.grad_clip_mode, self.accumulate = grad_clip, grad_clip_mode, accumulate
         self.amp_dtype = amp_dtype
+        self.eval_dtype = eval_dtype  # validation is inference: runtime.inference_dtype (bf16 where native)
         # fp16 needs loss scaling against underflow; bf16 and fp32 do not (a disabled scaler is a no-op)
         self.scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
         self.monitor = monitor
@@ -356,8 +359,8 @@ class Trainer:
         for batch in batches:
             if batch is None:
                 continue
-            x, y = batch[0].to(self.device), batch[1].to(self.device)
-            with self._autocast():
+            x, y = batch[0].to(self.device, non_blocking=True), batch[1].to(self.device, non_blocking=True)
+            with autocast(self.device, self.eval_dtype):
                 logits = module(x).float()
             total_loss += float(self.eval_loss(logits, y))
             cm += torch.bincount((y * k + logits.argmax(1)).cpu(), minlength=k * k).double()

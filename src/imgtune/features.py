@@ -6,19 +6,27 @@ changes, so recomputing it every epoch - what the tutorials do - wastes nearly a
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
 
+import numpy as np
 import torch
 
 from imgtune.models import Classifier
+from imgtune.runtime import autocast
 
 
 @torch.inference_mode()
 def extract_features(
-    model: Classifier, batches: Iterable[tuple[torch.Tensor, torch.Tensor] | None], device: torch.device
+    model: Classifier,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor] | None],
+    device: torch.device,
+    dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(features N x F float32 on CPU, labels N). Skipped (None) batches from unreadable files are dropped."""
+    """(features N x F float32 on CPU, labels N), computed under autocast to dtype (None: fp32). Skipped
+    (None) batches from unreadable files are dropped."""
     was_training = model.training
     model.eval()
     feats: list[torch.Tensor] = []
@@ -28,7 +36,8 @@ def extract_features(
             if batch is None:
                 continue
             x, y = batch
-            feats.append(model.features(x.to(device, non_blocking=True)).float().cpu())
+            with autocast(device, dtype):
+                feats.append(model.features(x.to(device, non_blocking=True)).float().cpu())
             labels.append(y)
     finally:
         model.train(was_training)
@@ -58,3 +67,52 @@ def tensor_batches(
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
         yield x[idx], y[idx]
+
+
+class FeatureStore:
+    """Stage-1 features of every training image under K views (view 0 plain, views 1.. augmented), in fp16:
+    K x N x F, in RAM or memory-mapped from a .npy file in the run folder when RAM is short.
+
+    Each epoch draws one view per image, so the head sees augmentation as it would on images, while the
+    backbone ran only K times over the data in all (the tutorials run it once per epoch)."""
+
+    def __init__(self, views: torch.Tensor, labels: torch.Tensor, path: Path | None = None) -> None:
+        self.views, self.labels, self.path = views, labels, path
+
+    @classmethod
+    def build(cls, views: Sequence[torch.Tensor], labels: torch.Tensor, path: Path | None = None) -> FeatureStore:
+        """views: K tensors N x F; path: memory-map the store there."""
+        k, (n, f) = len(views), views[0].shape
+        if path is None:
+            data = torch.empty((k, n, f), dtype=torch.float16)
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            array = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=(k, n, f))
+            data = torch.from_numpy(array)
+        for i, v in enumerate(views):
+            data[i] = v
+        return cls(data, labels, path)
+
+    @property
+    def nbytes(self) -> int:
+        return self.views.numel() * self.views.element_size()
+
+    def batches(
+        self, batch_size: int, generator: torch.Generator, shard: tuple[int, int] = (0, 1)
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """One epoch: a view per image drawn from generator (the same on every rank), then shuffled
+        mini-batches of float32 features as `tensor_batches` makes them."""
+        k, n = self.views.shape[:2]
+        view = torch.randint(k, (n,), generator=generator) if k > 1 else torch.zeros(n, dtype=torch.long)
+        index = torch.arange(n)
+        for idx_batch, y in tensor_batches(index, self.labels, batch_size, shuffle=True, generator=generator,
+                                           shard=shard):  # fmt: skip
+            yield self.views[view[idx_batch], idx_batch].float(), y
+
+    def close(self) -> None:
+        """Drop the data; a memory-mapped file is deleted (it is rebuilt on resume)."""
+        self.views = torch.empty(0)
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # other ranks' files may still be there
+                self.path.parent.rmdir()

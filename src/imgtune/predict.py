@@ -23,6 +23,7 @@ from imgtune.data import DataError, decode_prepared, list_files
 from imgtune.images import ImageError
 from imgtune.metrics import EvalResult, compute_metrics
 from imgtune.models import Classifier, model_from_checkpoint
+from imgtune.runtime import autocast, inference_dtype, prefetch, tune_allocator
 from imgtune.transforms import Preprocessing
 
 log = logging.getLogger(__name__)
@@ -90,12 +91,12 @@ def _collate(
 def decoded_batches(
     paths: Sequence[Path], prep: Preprocessing, batch_size: int, workers: int
 ) -> Iterator[tuple[torch.Tensor | None, list[int], list[tuple[int, str]]]]:
-    """(images, their indices into paths, [(index, reason)] of unreadable ones), decoding in `workers`
-    processes so that it overlaps with the model's compute."""
+    """(images, their indices into paths, [(index, reason)] of unreadable ones), decoded in `workers`
+    processes, or with workers=0 in a background thread, so that decoding overlaps with the model's compute."""
     loader = DataLoader(
         _Decoded(paths, prep), batch_size=batch_size, num_workers=workers, collate_fn=_collate, shuffle=False
     )
-    yield from loader
+    yield from (prefetch(loader) if workers == 0 else loader)
 
 
 @dataclass
@@ -227,7 +228,8 @@ class Predictor:
 
 
 class TorchPredictor(Predictor):
-    """A Classifier in eval mode, channels_last (measured here: 1.7x faster CPU inference than NCHW)."""
+    """A Classifier in eval mode, channels_last (measured here: 1.7x faster CPU inference than NCHW), under
+    the inference precision (`runtime.inference_dtype`: bf16 where the hardware runs it natively)."""
 
     def __init__(
         self,
@@ -236,15 +238,18 @@ class TorchPredictor(Predictor):
         classes: list[str],
         device: torch.device,
         display_names: list[str] | None = None,
+        precision: str = "auto",
     ) -> None:
         super().__init__(prep, classes, display_names)
+        tune_allocator()
         self.device = device
+        self.dtype = inference_dtype(precision, device)
         self.model = model.to(device).eval()
         self.model.use_channels_last()
-        self.backend = "torch"
+        self.backend = "torch" if self.dtype is None else f"torch ({str(self.dtype).removeprefix('torch.')})"
 
     @classmethod
-    def load(cls, run: Path | str, device: str = "auto") -> TorchPredictor:
+    def load(cls, run: Path | str, device: str = "auto", precision: str = "auto") -> TorchPredictor:
         path = resolve_checkpoint(Path(run))
         ckpt = load_checkpoint(path)
         predictor = cls(
@@ -253,6 +258,7 @@ class TorchPredictor(Predictor):
             list(ckpt["classes"]),
             pick_device(device),
             ckpt.get("class_names"),
+            precision,
         )
         predictor.temperature = float(ckpt.get("temperature", 1.0))
         predictor.checkpoint = {k: v for k, v in ckpt.items() if k not in ("state_dict", "train_state")}
@@ -261,7 +267,8 @@ class TorchPredictor(Predictor):
 
     @torch.inference_mode()
     def logits(self, images: torch.Tensor) -> torch.Tensor:
-        out: torch.Tensor = self.model(images.to(self.device, non_blocking=True)).float().cpu()
+        with autocast(self.device, self.dtype):
+            out: torch.Tensor = self.model(images.to(self.device, non_blocking=True)).float().cpu()
         return out / self.temperature if self.temperature != 1.0 else out
 
 
@@ -352,9 +359,10 @@ class EnsemblePredictor(Predictor):
         return Scores(mix([p.logits for p in parts]), common, list(skipped.values()), plain)
 
 
-def load_predictor(run: Path | str, device: str = "auto", backend: str = "torch") -> Predictor:
+def load_predictor(run: Path | str, device: str = "auto", backend: str = "torch", precision: str = "auto") -> Predictor:
+    """precision (torch backend): auto, fp32, bf16 or fp16, as `runtime.inference_dtype` reads it."""
     if backend == "torch":
-        return TorchPredictor.load(run, device)
+        return TorchPredictor.load(run, device, precision)
     if backend == "onnxruntime":
         return OnnxPredictor.load(run)
     raise ValueError(f"backend {backend!r} is not one of torch, onnxruntime")

@@ -28,6 +28,7 @@ from imgtune.data import (
     Sample,
     Skipped,
     Split,
+    available_memory,
     balanced_sampler,
     decode_many,
     default_workers,
@@ -38,7 +39,7 @@ from imgtune.data import (
 )
 from imgtune.distributed import Dist, convert_sync_batchnorm, current, setup, wrap
 from imgtune.engine import STOP, Stage, Trainer, seed_everything
-from imgtune.features import extract_features, tensor_batches
+from imgtune.features import FeatureStore, extract_features, tensor_batches
 from imgtune.metrics import EvalResult
 from imgtune.models import (
     Classifier,
@@ -52,6 +53,7 @@ from imgtune.optim import LRSchedule, OptimSettings, make_optimizer
 from imgtune.predict import TorchPredictor, pick_device
 from imgtune.progress import Progress, SilentProgress
 from imgtune.runs import RunFolder, ensure_free, new_run_folder
+from imgtune.runtime import inference_dtype, tune_allocator
 from imgtune.transforms import BatchMix, Preprocessing, augmentation
 
 log = logging.getLogger(__name__)
@@ -130,6 +132,7 @@ class Workbench:
     display_names: list[str]
     dist: Dist
     lr_factor: float  # the LR scaling rule's factor under torchrun (1 in one process)
+    feature_store: FeatureStore | None = None  # stage 1's cached features, while it runs
 
     def image_loader(self) -> Any:
         dcfg = self.cfg.data
@@ -160,7 +163,8 @@ class Workbench:
             self.model, run, checkpoint_base, device=self.device, num_classes=len(self.split.classes),
             label_smoothing=tcfg.label_smoothing, class_weights=self.class_weights, grad_clip=tcfg.grad_clip,
             grad_clip_mode=tcfg.grad_clip_mode, accumulate=tcfg.accumulate,
-            amp_dtype=amp_dtype_for(tcfg.precision, self.device), monitor=tcfg.monitor, progress=progress,
+            amp_dtype=amp_dtype_for(tcfg.precision, self.device),
+            eval_dtype=inference_dtype(tcfg.precision, self.device), monitor=tcfg.monitor, progress=progress,
             tensorboard=tensorboard, max_nonfinite=tcfg.max_nonfinite, dist=self.dist,
         )  # fmt: skip
 
@@ -168,8 +172,8 @@ class Workbench:
         s = self.cfg.train.optim_settings(stage, self.pretrained_start or stage == 1)
         return dataclasses.replace(s, lr=s.lr * self.lr_factor) if self.lr_factor != 1 else s
 
-    def head_stage(self) -> Stage:
-        return _head_stage(self)
+    def head_stage(self, run_path: Path | None = None) -> Stage:
+        return _head_stage(self, run_path)
 
     def finetune_stage(self) -> Stage:
         return _finetune_stage(self)
@@ -277,6 +281,7 @@ def _log_distributed(wb: Workbench) -> None:
 
 def _run(cfg: Config, progress: Progress | None, resume_from: RunFolder | None) -> TrainResult:
     started = time.perf_counter()
+    tune_allocator()
     STOP.requested = False  # a stop asked of an earlier run in this process is not one for this run
     tcfg = cfg.train
     d = setup(pick_device(cfg.device))  # joins torchrun's process group; a no-op in one process
@@ -348,7 +353,10 @@ def _run(cfg: Config, progress: Progress | None, resume_from: RunFolder | None) 
                 trainer.oom_retries += 1
 
     if tcfg.epochs_frozen > 0 and wb.pretrained_start and resume_stage <= 1:
-        run_stage(wb.head_stage)
+        run_stage(lambda: wb.head_stage(run.path))
+        if wb.feature_store is not None:
+            wb.feature_store.close()  # free the RAM, delete a memory-mapped file
+            wb.feature_store = None
     elif tcfg.epochs_frozen > 0 and not wb.pretrained_start:
         log.info("training from scratch: no frozen-backbone stage (a random backbone has nothing to keep)")
     if tcfg.epochs > 0:
@@ -380,7 +388,7 @@ def _finish(
     tcfg = wb.cfg.train
     best = load_checkpoint(run.best)
     wb.model.load_state_dict(best["state_dict"])
-    predictor = TorchPredictor(wb.model, wb.prep, wb.split.classes, wb.device, wb.display_names)
+    predictor = TorchPredictor(wb.model, wb.prep, wb.split.classes, wb.device, wb.display_names, tcfg.precision)
     calibration: dict[str, float] = {}
     if tcfg.calibrate:
         calibration = _calibrate(wb, run, best, predictor)
@@ -452,6 +460,11 @@ def _finetune_stage(wb: Workbench) -> Stage:
             wb.model = model = convert_sync_batchnorm(model, wb.device)  # type: ignore[assignment]
         except ValueError as e:
             raise ConfigError(str(e)) from None
+    if tcfg.compile:
+        # in place: the state_dict keys and the checkpoints stay those of the plain model. Compiling costs
+        # 20-60 s on a CPU and the first steps of each mode (train, eval) wait for it (docs/speed.md)
+        model.compile()
+        log.info("stage 2: model compiled with torch.compile (the first steps include the compilation)")
     s = wb.optim_settings(2)
     backbone_lr = s.lr * tcfg.backbone_lr_scale if wb.pretrained_start else s.lr
     opt = make_optimizer(param_groups(model, s.lr, backbone_lr, s.weight_decay, tcfg.lr_decay), s)
@@ -493,7 +506,50 @@ def _maximize(cfg: Config) -> bool:
     return cfg.train.monitor != "valid_loss"
 
 
-def _head_stage(wb: Workbench) -> Stage:
+def _extract_stage1_features(wb: Workbench, run_path: Path | None) -> tuple[FeatureStore, torch.Tensor, torch.Tensor]:
+    """Backbone features of the training images under `feature_views` views (the plain one, then augmented
+    ones) and of this rank's validation shard. Under torchrun each rank extracts every world-th image and the
+    training features are gathered."""
+    cfg, model, device, d = wb.cfg, wb.model, wb.device, wb.dist
+    t0 = time.perf_counter()
+    dtype = inference_dtype(cfg.train.precision, device)
+    batch = max(64, cfg.data.batch_size)
+    cache = wb.train_plain.cache
+    own_cache = cache[d.rank :: d.world] if cache is not None else None
+    own = d.shard(wb.train_plain.samples)
+    views: list[torch.Tensor] = []
+    labels = torch.empty(0, dtype=torch.long)
+    for view in range(cfg.train.feature_views):
+        augment = wb.train_aug.augment if view > 0 else None
+        if own_cache is not None and augment is None:
+            own_labels = torch.tensor([x.label for x in own])
+            batches: Any = tensor_batches(own_cache, own_labels, batch, shuffle=False)
+        else:
+            batches = make_loader(ImageDataset(own, wb.prep, augment, own_cache), batch, shuffle=False,
+                                  workers=wb.workers)  # fmt: skip
+        f, y = extract_features(model, batches, device, dtype)
+        views.append(d.gather_cat(f.half()))
+        if view == 0:
+            labels = d.gather_cat(y)
+    f_valid, y_valid = extract_features(model, wb.valid_loader, device, dtype)  # this rank's validation shard
+    seconds = time.perf_counter() - t0
+    extracted = sum(len(v) for v in views) + int(d.sum(torch.tensor(len(f_valid))))
+    needed = len(views) * views[0].numel() * 2
+    where = cfg.train.feature_store
+    on_disk = where == "disk" or (where == "auto" and needed > 0.3 * available_memory())
+    path = run_path / "cache" / f"features-rank{d.rank}.npy" if on_disk and run_path is not None else None
+    store = FeatureStore.build(views, labels, path)
+    log.info(
+        "stage 1: backbone features for %d images (%d view%s of each training image) in %.1f s (%.0f images/s, "
+        "%s); %.0f MB of fp16 features %s",
+        extracted, len(views), "s" if len(views) > 1 else "", seconds, extracted / max(seconds, 1e-9),
+        "fp32" if dtype is None else str(dtype).removeprefix("torch."), store.nbytes / 1e6,
+        f"memory-mapped from {path}" if path else "in RAM",
+    )  # fmt: skip
+    return store, f_valid, y_valid
+
+
+def _head_stage(wb: Workbench, run_path: Path | None = None) -> Stage:
     """Stage 1: backbone frozen, head trained. With frozen BatchNorm statistics (the default) the backbone's
     output never changes, so its features are computed once and the head trains on them; with
     `bn_frozen_stage: train` the statistics adapt, so the stage runs on augmented images, epoch by epoch."""
@@ -519,34 +575,15 @@ def _head_stage(wb: Workbench) -> Stage:
             **common,
         )
     model.bn_policy = "frozen"
-    t0 = time.perf_counter()
-    batch = max(64, cfg.data.batch_size)
-    # under torchrun each rank extracts every world-th image; the train features are then gathered
-    if wb.train_plain.cache is not None:
-        labels = torch.tensor([x.label for x in wb.train_plain.samples])
-        cache = wb.train_plain.cache
-        train_batches: Any = tensor_batches(cache[d.rank :: d.world], labels[d.rank :: d.world], batch, shuffle=False)
-    else:
-        own = ImageDataset(d.shard(wb.train_plain.samples), wb.prep)
-        train_batches = make_loader(own, batch, shuffle=False, workers=wb.workers)
-    f_train, y_train = extract_features(model, train_batches, device)
-    f_valid, y_valid = extract_features(model, wb.valid_loader, device)  # this rank's validation shard
-    f_train, y_train = d.gather_cat(f_train), d.gather_cat(y_train)
-    seconds = time.perf_counter() - t0
-    extracted = len(f_train) + int(d.sum(torch.tensor(len(f_valid))))
-    log.info(
-        "stage 1: backbone features for %d images in %.1f s (%.0f images/s)",
-        extracted, seconds, extracted / max(seconds, 1e-9),
-    )  # fmt: skip
-    steps = math.ceil(math.ceil(len(f_train) / d.world) / FEATURE_BATCH)
+    store, f_valid, y_valid = _extract_stage1_features(wb, run_path)
+    wb.feature_store = store
+    steps = math.ceil(math.ceil(store.labels.numel() / d.world) / FEATURE_BATCH)
     generator = torch.Generator().manual_seed(cfg.seed)
     shard = (d.rank, d.world)
     return Stage(
         description=description + " on cached features",
         module=wrap(model.head, d, device),
-        train_batches=lambda: tensor_batches(
-            f_train, y_train, FEATURE_BATCH, shuffle=True, generator=generator, shard=shard
-        ),
+        train_batches=lambda: store.batches(FEATURE_BATCH, generator, shard),
         valid_batches=lambda: tensor_batches(f_valid, y_valid, 4096, shuffle=False),
         batches_per_epoch=steps,
         scheduler=LRSchedule(opt, s, steps, tcfg.epochs_frozen, maximize=_maximize(cfg)),

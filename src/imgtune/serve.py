@@ -216,6 +216,7 @@ def serve(
     max_upload_mb: float = 20.0,
     token: str | None = None,
     device: str = "auto",
+    precision: str = "auto",
 ) -> None:
     import uvicorn
 
@@ -224,7 +225,7 @@ def serve(
     if not is_loopback(host) and token is None:
         token = secrets.token_urlsafe(24)
         print(f"--host {host} is reachable from other machines: API calls need this token:\n  {token}", flush=True)
-    predictor = load_predictor(run, device, backend)
+    predictor = load_predictor(run, device, backend, precision)
     app = create_app(predictor, token=token, max_upload_mb=max_upload_mb)
     print(f"imgtune serving {predictor.checkpoint.get('path', run)} ({backend}) on http://{host}:{port}/", flush=True)
     uvicorn.run(app, host=host, port=port, log_level="warning")
