@@ -6,7 +6,8 @@ weights kept; then the test set. The same network and ImageNet weights as imgtun
 (tf_efficientnet_lite0 from the offline package), so the comparison is about the loop, not the model.
 Prints one JSON object.
 
-usage: python benchmarks/tutorial_baseline.py DATA [--img-size 112]
+usage: python benchmarks/tutorial_baseline.py DATA [--img-size 112] [--save WEIGHTS]
+       python benchmarks/tutorial_baseline.py DATA --predict WEIGHTS   (the test loop alone, a fresh process)
 """
 
 from __future__ import annotations
@@ -61,11 +62,19 @@ def main() -> None:
     ap.add_argument("data", type=Path)
     ap.add_argument("--img-size", type=int, default=112)
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--save", type=Path, help="write the best weights here")
+    ap.add_argument("--predict", type=Path, help="only run the test loop with these weights")
     args = ap.parse_args()
     torch.manual_seed(0)
     start = time.perf_counter()
     dl = loaders(args.data, args.img_size, args.workers)
     model = create_model("tf_efficientnet_lite0", len(dl["train"].dataset.classes), pretrained=True)  # type: ignore[attr-defined]
+    if args.predict is not None:
+        model.load_state_dict(torch.load(args.predict, weights_only=True))
+        t0 = time.perf_counter()
+        _, test_acc, n_test = run_epoch(model, dl["test"], None)
+        print(json.dumps({"test_acc": test_acc, "predict_images_per_s": n_test / (time.perf_counter() - t0)}))
+        return
     epochs: list[dict[str, Any]] = []
     best_acc, best_state = -1.0, None
     for stage, lr, frozen in ((1, 1e-3, True), (2, 1e-4, False)):
@@ -84,6 +93,8 @@ def main() -> None:
                            "elapsed": time.perf_counter() - start})  # fmt: skip
     assert best_state is not None
     model.load_state_dict(best_state)
+    if args.save is not None:
+        torch.save(best_state, args.save)
     t0 = time.perf_counter()
     _, test_acc, n_test = run_epoch(model, dl["test"], None)
     predict_s = time.perf_counter() - t0

@@ -64,9 +64,13 @@ def main() -> None:
         subprocess.run([imgtune, "data", "fashion-mnist", str(args.data), "--per-class", "300",
                         "--valid-per-class", "100", "--download"], check=True)  # fmt: skip
 
-    out, _, base_wall, base_rss = timed([sys.executable, str(HERE / "tutorial_baseline.py"), str(args.data),
-                                         "--img-size", str(args.img_size)])  # fmt: skip
+    weights = Path("runs/bench-tutorial.pt")
+    weights.parent.mkdir(exist_ok=True)
+    baseline = [sys.executable, str(HERE / "tutorial_baseline.py"), str(args.data), "--img-size", str(args.img_size)]
+    out, _, base_wall, base_rss = timed([*baseline, "--save", str(weights)])
     base: dict[str, Any] = json.loads(out)
+    # predicting is a fresh process for both, start-up included, as a user runs it
+    _, _, base_pred_wall, _ = timed([*baseline, "--predict", str(weights)])
 
     run = Path("runs/bench-imgtune")
     shutil.rmtree(run, ignore_errors=True)
@@ -90,6 +94,7 @@ def main() -> None:
     b2_ips = sum(e["images_per_s"] for e in b2) / len(b2)
     it2_ips = sum(stage2_ips) / max(1, len(stage2_ips))
     pred_ips = n_test / pred_wall
+    base_pred_ips = n_test / base_pred_wall
 
     def ratio(a: float, b: float) -> str:
         return f"{a / b:.2f}x" if b else "-"
@@ -107,15 +112,17 @@ def main() -> None:
         + (f"{reach:.0f} | {ratio(reach, base_wall)} | <= 0.33x |" if reach is not None else "not reached | | |"),
         f"| test acc (10,000 images) | {base['test_acc']:.4f} | {summary.get('test_acc', 0):.4f} | "
         f"{summary.get('test_acc', 0) - base['test_acc']:+.4f} | >= +0.03 |",
-        f"| predict on the test set (images/s) | {base['predict_images_per_s']:.0f} | {pred_ips:.0f} | "
-        f"{ratio(pred_ips, base['predict_images_per_s'])} | >= 3x |",
+        f"| predict on the test set, fresh process (images/s) | {base_pred_ips:.0f} | {pred_ips:.0f} | "
+        f"{ratio(pred_ips, base_pred_ips)} | >= 3x |",
+        f"| (the tutorial's test loop at the end of its training run) | {base['predict_images_per_s']:.0f} | | | |",
         f"| peak RSS of training (GB) | {base_rss:.2f} | {it_rss:.2f} | | imgtune <= 2.5 |",
     ]
     text = (
         f"# tutorial loop vs imgtune ({time.strftime('%Y-%m-%d %H:%M')})\n\n"
         f"Data: {args.data} ({summary['train_images']} train, {summary['valid_images']} valid, {n_test} test), "
         f"tf_efficientnet_lite0 (offline ImageNet weights), {args.img_size} px, one run, side by side.\n"
-        f"imgtune predict's images/s include start-up (model load) and decoding.\n\n" + "\n".join(table) + "\n"
+        "Predict: each side is a fresh process (`tutorial_baseline.py --predict`, `imgtune predict`) timed from "
+        "start to exit, so start-up, model load and decoding are included.\n\n" + "\n".join(table) + "\n"
     )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)

@@ -22,7 +22,7 @@ from imgtune.distributed import convert_sync_batchnorm
 from imgtune.models import create_model, has_pretrained_weights, model_from_checkpoint
 from imgtune.scratch import BUILTIN
 from imgtune.sources import SourceError, write_cifar
-from imgtune.transforms import Preprocessing, augmentation
+from imgtune.transforms import BatchAugment
 
 runner = CliRunner()
 
@@ -63,14 +63,24 @@ def test_user_head_replaces_the_builtin_head() -> None:
     assert [m.out_features for m in model.head.modules() if isinstance(m, torch.nn.Linear)] == [64, 5]
 
 
-def test_padcrop_shifts_and_keeps_size() -> None:
-    prep = Preprocessing(img_size=32, mean=(0.5,) * 3, std=(0.25,) * 3)  # type: ignore[arg-type]
-    aug = augmentation("padcrop", prep)
-    img = torch.arange(3 * 32 * 32, dtype=torch.int64).remainder(251).to(torch.uint8).view(3, 32, 32)
+def test_padcrop_shifts_whole_pixels_and_keeps_size() -> None:
+    img = torch.arange(3 * 32 * 32, dtype=torch.int64).remainder(251).to(torch.uint8).view(1, 3, 32, 32)
     torch.manual_seed(0)
-    outs = [aug(img) for _ in range(8)]
-    assert all(o.shape == (3, 32, 32) and o.dtype == torch.uint8 for o in outs)
-    assert any(not torch.equal(o, img) for o in outs)
+    outs = BatchAugment("padcrop")(img.repeat(8, 1, 1, 1))
+    assert outs.shape == (8, 3, 32, 32)
+    src = img[0].float() / 255
+    moved = 0
+    for o in outs:  # each is the image shifted by whole pixels (at most 4) and maybe mirrored: pixels exact
+        found = [
+            (dy, dx)
+            for im in (src, src.flip(-1))
+            for dy in range(-4, 5)
+            for dx in range(-4, 5)
+            if torch.allclose(o[:, 4:-4, 4:-4], im.roll((-dy, -dx), (1, 2))[:, 4:-4, 4:-4], atol=1e-5)
+        ]
+        assert found, "not a whole-pixel shift of the image"
+        moved += found[0] != (0, 0)
+    assert moved > 0
 
 
 def test_scratch_recipe_sits_under_file_and_flags(tmp_path: Path) -> None:

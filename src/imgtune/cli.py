@@ -232,7 +232,9 @@ def train(
     img_size: Annotated[int | None, typer.Option(help="Input size in pixels [224].")] = None,
     epochs_frozen: Annotated[int | None, typer.Option(help="Head-only epochs (stage 1) [30].")] = None,
     epochs: Annotated[int | None, typer.Option(help="Fine-tuning epochs (stage 2) [5].")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Batch size [32].")] = None,
+    batch_size: Annotated[
+        str | None, typer.Option(help="Batch size, or auto (CUDA: the largest that fits in memory) [32].")
+    ] = None,
     lr: Annotated[
         str | None, typer.Option(help="Stage-1 LR; stage 2: x0.5 head, x0.1 backbone; 'auto': LR finder [1e-3].")
     ] = None,
@@ -312,7 +314,8 @@ def train(
     overrides: dict[str, Any] = {
         "data.path": data,
         "data.img_size": img_size,
-        "data.batch_size": batch_size,
+        "data.batch_size": None if batch_size in (None, "auto") else _int(batch_size, "--batch-size"),
+        "data.auto_batch": True if batch_size == "auto" else None,
         "data.augment": augment,
         "data.valid_fraction": valid_fraction,
         "data.split_file": split_file,
@@ -463,6 +466,13 @@ def _float(text: str, flag: str) -> float:
         return float(text)
     except ValueError:
         raise ConfigError(f"{flag} {text!r}: expected a number or 'auto'") from None
+
+
+def _int(text: str, flag: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise ConfigError(f"{flag} {text!r}: expected a whole number or 'auto'") from None
 
 
 def _report(result: Any) -> None:

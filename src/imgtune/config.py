@@ -44,6 +44,9 @@ class DataConfig(_Section):
     path: Path = Field(description="dataset folder: train/ + valid/ [+ test/], or one folder of class folders")
     img_size: int = Field(224, ge=16, le=1024, description="square input size of the network, in pixels")
     batch_size: int = Field(32, ge=1, description="images per optimisation step")
+    auto_batch: bool = Field(
+        False, description="CUDA: the largest batch (power-of-two steps from batch_size, at most 1024) that fits"
+    )
     augment: Augment = Field("standard", description="training augmentation preset")
     valid_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="share held out when imgtune splits")
     split_file: Path | None = Field(None, description="reuse a split.csv written by an earlier run")

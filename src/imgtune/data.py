@@ -319,7 +319,8 @@ def decode_many(
 
 
 class ImageDataset(Dataset[tuple[torch.Tensor, int] | None]):
-    """Images (from a RAM cache when given one) -> optional augmentation -> (uint8 CHW, label).
+    """Images (from a RAM cache when given one) -> (uint8 CHW, label); augmentation runs later, on whole
+    batches (transforms.BatchAugment).
 
     An undecodable file yields None, which `collate_skip` drops: one bad file never stops an epoch.
     """
@@ -328,14 +329,12 @@ class ImageDataset(Dataset[tuple[torch.Tensor, int] | None]):
         self,
         samples: Sequence[Sample],
         prep: Preprocessing,
-        augment: torch.nn.Module | None = None,
         cache: torch.Tensor | None = None,
     ) -> None:
         if cache is not None and len(cache) != len(samples):
             raise ValueError("cache and samples differ in length")
         self.samples = list(samples)
         self.prep = prep
-        self.augment = augment
         self.cache = cache
 
     def __len__(self) -> int:
@@ -351,8 +350,6 @@ class ImageDataset(Dataset[tuple[torch.Tensor, int] | None]):
             except ImageError as e:
                 log.warning("skipped unreadable image %s: %s", e.path, e.reason)
                 return None
-        if self.augment is not None:
-            img = self.augment(img)
         return img, s.label
 
 

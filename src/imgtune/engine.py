@@ -125,6 +125,7 @@ class Stage:
     cheap_epochs: bool  # feature epochs take a fraction of a second: progress per stage, checkpoints at its end
     patience: int | None
     generator: torch.Generator | None = None  # the train sampler's; saved so a resume reshuffles identically
+    augment: Callable[[torch.Tensor], torch.Tensor] | None = None  # on the whole batch, on the device
     batch_transform: BatchTransform | None = None  # mixup / cutmix: returns soft targets
     ema: torch.optim.swa_utils.AveragedModel | None = None
 
@@ -299,6 +300,8 @@ class Trainer:
                 x = batch[0].to(self.device, non_blocking=True)
                 y = batch[1].to(self.device, non_blocking=True)
                 hard = y
+                if stage.augment is not None:
+                    x = stage.augment(x)
                 if stage.batch_transform is not None:
                     x, y = stage.batch_transform(x, y)
                     hard = y.argmax(1)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -24,9 +24,10 @@ def extract_features(
     batches: Iterable[tuple[torch.Tensor, torch.Tensor] | None],
     device: torch.device,
     dtype: torch.dtype | None = None,
+    transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(features N x F float32 on CPU, labels N), computed under autocast to dtype (None: fp32). Skipped
-    (None) batches from unreadable files are dropped."""
+    """(features N x F float32 on CPU, labels N), computed under autocast to dtype (None: fp32), of the
+    images after transform (an augmentation, on the device). Skipped (None) batches are dropped."""
     was_training = model.training
     model.eval()
     feats: list[torch.Tensor] = []
@@ -36,8 +37,11 @@ def extract_features(
             if batch is None:
                 continue
             x, y = batch
+            x = x.to(device, non_blocking=True)
+            if transform is not None:
+                x = transform(x)
             with autocast(device, dtype):
-                feats.append(model.features(x.to(device, non_blocking=True)).float().cpu())
+                feats.append(model.features(x).float().cpu())
             labels.append(y)
     finally:
         model.train(was_training)

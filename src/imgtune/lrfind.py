@@ -68,6 +68,8 @@ def range_test(stage: Stage, trainer: Trainer, steps: int = 200, start: float = 
         for g, r in zip(opt.param_groups, ratios, strict=True):
             g["lr"] = lr * r
         x, y = batch[0].to(trainer.device), batch[1].to(trainer.device)
+        if stage.augment is not None:
+            x = stage.augment(x)
         if stage.batch_transform is not None:
             x, y = stage.batch_transform(x, y)
         loss = trainer.train_loss(module(x).float(), y)

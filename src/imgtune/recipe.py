@@ -53,8 +53,8 @@ from imgtune.optim import LRSchedule, OptimSettings, make_optimizer
 from imgtune.predict import TorchPredictor, pick_device
 from imgtune.progress import Progress, SilentProgress
 from imgtune.runs import RunFolder, ensure_free, new_run_folder
-from imgtune.runtime import inference_dtype, tune_allocator
-from imgtune.transforms import BatchMix, Preprocessing, augmentation
+from imgtune.runtime import autocast, inference_dtype, largest_batch, tune_allocator
+from imgtune.transforms import BatchAugment, BatchMix, Preprocessing
 
 log = logging.getLogger(__name__)
 
@@ -122,8 +122,8 @@ class Workbench:
     train_samples: list[Sample]
     valid_samples: list[Sample]
     skipped: list[Skipped]
-    train_plain: ImageDataset
-    train_aug: ImageDataset
+    train_plain: ImageDataset  # unaugmented uint8 images (from the RAM cache when there is one)
+    augment: BatchAugment  # applied to whole batches on the device, in the training loop
     valid_loader: Any
     workers: int
     generator: torch.Generator
@@ -139,13 +139,13 @@ class Workbench:
         sampler: Any = None
         if self.dist.enabled:  # a shard per rank, reshuffled per epoch (set_epoch), padded to equal lengths
             sampler = torch.utils.data.DistributedSampler(
-                self.train_aug, num_replicas=self.dist.world, rank=self.dist.rank, shuffle=True, seed=self.cfg.seed
+                self.train_plain, num_replicas=self.dist.world, rank=self.dist.rank, shuffle=True, seed=self.cfg.seed
             )
         elif self.cfg.train.balance == "sampler":
             sampler = balanced_sampler([x.label for x in self.train_samples], self.generator)
         return make_loader(
-            self.train_aug, dcfg.batch_size, shuffle=sampler is None, workers=self.workers, generator=self.generator,
-            sampler=sampler, pin_memory=self.device.type == "cuda", drop_last=len(self.train_aug) > dcfg.batch_size,
+            self.train_plain, dcfg.batch_size, shuffle=sampler is None, workers=self.workers, generator=self.generator,
+            sampler=sampler, pin_memory=self.device.type == "cuda", drop_last=len(self.train_plain) > dcfg.batch_size,
         )  # fmt: skip
 
     def trainer(self, run: RunFolder, progress: Progress | None = None, tensorboard: Any = None) -> Trainer:
@@ -202,6 +202,9 @@ def prepare(cfg: Config, *, load_pretrained: bool = True, split_file: Path | Non
     )
     prep = model.preprocessing(dcfg.img_size)
     model.to(device).use_channels_last()
+    if dcfg.auto_batch:
+        cfg = _auto_batch(cfg, model, device, d, len(split.train))
+        dcfg = cfg.data
 
     # Data: decode + resize once into RAM when it fits; unreadable files are reported and left out here.
     train_samples, valid_samples = split.train, split.valid
@@ -222,7 +225,7 @@ def prepare(cfg: Config, *, load_pretrained: bool = True, split_file: Path | Non
     workers = dcfg.workers if dcfg.workers is not None else default_workers(train_cache is not None, device)
     # validation: disjoint, unpadded shards per rank; the engine sums their counts (exact metrics)
     valid_ds = ImageDataset(
-        d.shard(valid_samples), prep, None, valid_cache[d.rank :: d.world] if valid_cache is not None else None
+        d.shard(valid_samples), prep, valid_cache[d.rank :: d.world] if valid_cache is not None else None
     )
     eval_batch = max(64, dcfg.batch_size)
     counts = _class_counts(train_samples, num_classes)
@@ -240,8 +243,8 @@ def prepare(cfg: Config, *, load_pretrained: bool = True, split_file: Path | Non
         train_samples=train_samples,
         valid_samples=valid_samples,
         skipped=skipped,
-        train_plain=ImageDataset(train_samples, prep, None, train_cache),
-        train_aug=ImageDataset(train_samples, prep, augmentation(dcfg.augment, prep, tcfg.random_erasing), train_cache),
+        train_plain=ImageDataset(train_samples, prep, train_cache),
+        augment=BatchAugment(dcfg.augment, tcfg.random_erasing),
         valid_loader=make_loader(
             valid_ds, eval_batch, shuffle=False, workers=workers, pin_memory=device.type == "cuda"
         ),
@@ -262,6 +265,42 @@ def _check_distributed(cfg: Config, d: Dist) -> None:
         raise ConfigError("--balance sampler is not available under torchrun; use --balance weights")
     if cfg.train.lr_find:
         raise ConfigError("--lr auto runs in one process: run `imgtune lr-find` first, then pass its --lr to torchrun")
+
+
+def _auto_batch(cfg: Config, model: Classifier, device: torch.device, d: Dist, n_train: int) -> Config:
+    """data.auto_batch on CUDA: probe fine-tuning steps (all layers trainable: the stage that needs the most
+    memory) on random images and keep the largest batch that fits; every rank takes the smallest rank's. The
+    run's config records the chosen size (and auto_batch off), so a resume trains with the same batch. A later
+    out-of-memory error still halves the batch (run_stage)."""
+    dcfg = cfg.data
+    chosen = dcfg.batch_size
+    if device.type != "cuda":
+        log.info("auto batch size is for CUDA GPUs; on the CPU the batch stays %d", chosen)
+    else:
+        amp = amp_dtype_for(cfg.train.precision, device)
+        saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        flags = [p.requires_grad for p in model.parameters()]
+        set_requires_grad(model, True)
+        model.train()
+
+        def step(b: int) -> None:
+            x = torch.randint(0, 256, (b, 3, dcfg.img_size, dcfg.img_size), dtype=torch.uint8, device=device)
+            with autocast(device, amp):
+                loss = model(x).float().logsumexp(1).mean()
+            loss.backward()
+            model.zero_grad(set_to_none=True)
+            torch.cuda.synchronize(device)
+
+        try:
+            found = largest_batch(step, dcfg.batch_size, min(1024, max(1, n_train // d.world)))
+        finally:
+            model.load_state_dict(saved)  # the probe's BatchNorm updates are not training
+            for p, f in zip(model.parameters(), flags, strict=True):
+                p.requires_grad_(f)
+        chosen = min(d.gather_objects(found))
+        log.info("auto batch size: %d per process (the largest that fit in GPU memory, probed from %d)",
+                 chosen, dcfg.batch_size)  # fmt: skip
+    return cfg.model_copy(update={"data": dcfg.model_copy(update={"batch_size": chosen, "auto_batch": False})})
 
 
 def _log_distributed(wb: Workbench) -> None:
@@ -307,7 +346,7 @@ def _run(cfg: Config, progress: Progress | None, resume_from: RunFolder | None) 
             log.info("%s has no last.pt yet: starting it again from the beginning", run.path)
     else:
         run = RunFolder(d.on_main(lambda: _start_run_folder(wb)))  # rank 0 creates it; all ranks use it
-        wb.cfg = cfg.model_copy(update={"out": run.path})
+        wb.cfg = wb.cfg.model_copy(update={"out": run.path})  # wb.cfg: with what prepare() resolved
     log.info("run folder: %s", run.path)
 
     tensorboard = None
@@ -432,7 +471,7 @@ def _finish(
         if shown is None:  # no labelled test split: the report shows the validation split
             pairs = [(x.path, wb.split.classes[x.label]) for x in wb.valid_samples]
             shown = predictor.evaluate(pairs, "valid", wb.eval_batch, wb.workers)
-        log.info("report: %s", write_report(run.path, shown, wb.train_aug))
+        log.info("report: %s", write_report(run.path, shown, wb.train_plain, wb.augment))
     return test, summary
 
 
@@ -484,7 +523,7 @@ def _finetune_stage(wb: Workbench) -> Stage:
             f"stage 2: {what if wb.pretrained_start else 'all layers from random init'}, "
             f"{tcfg.epochs} epochs, {s.optimizer}, {s.schedule}, head LR {s.lr:g}, {lr_text}, "
             f"BatchNorm statistics {'frozen' if frozen else 'updated'}, "
-            f"{len(wb.train_aug)} train images, batch {wb.cfg.data.batch_size}"
+            f"{len(wb.train_plain)} train images, batch {wb.cfg.data.batch_size}"
             + (f" x {tcfg.accumulate} accumulated" if tcfg.accumulate > 1 else "")
         ),
         module=wrap(model, wb.dist, wb.device),
@@ -497,6 +536,7 @@ def _finetune_stage(wb: Workbench) -> Stage:
         cheap_epochs=False,
         patience=tcfg.patience,
         generator=wb.generator,
+        augment=wb.augment if wb.augment else None,
         batch_transform=BatchMix(len(wb.split.classes), tcfg.mixup, tcfg.cutmix) if mixing else None,
         ema=ema,
     )
@@ -519,15 +559,14 @@ def _extract_stage1_features(wb: Workbench, run_path: Path | None) -> tuple[Feat
     own = d.shard(wb.train_plain.samples)
     views: list[torch.Tensor] = []
     labels = torch.empty(0, dtype=torch.long)
-    for view in range(cfg.train.feature_views):
-        augment = wb.train_aug.augment if view > 0 else None
-        if own_cache is not None and augment is None:
-            own_labels = torch.tensor([x.label for x in own])
-            batches: Any = tensor_batches(own_cache, own_labels, batch, shuffle=False)
-        else:
-            batches = make_loader(ImageDataset(own, wb.prep, augment, own_cache), batch, shuffle=False,
-                                  workers=wb.workers)  # fmt: skip
-        f, y = extract_features(model, batches, device, dtype)
+    if own_cache is not None:
+        own_labels = torch.tensor([x.label for x in own])
+        batches: Callable[[], Any] = lambda: tensor_batches(own_cache, own_labels, batch, shuffle=False)  # noqa: E731
+    else:
+        loader = make_loader(ImageDataset(own, wb.prep), batch, shuffle=False, workers=wb.workers)
+        batches = lambda: loader  # noqa: E731
+    for view in range(cfg.train.feature_views):  # view 0 as evaluated, then augmented ones
+        f, y = extract_features(model, batches(), device, dtype, transform=wb.augment if view > 0 else None)
         views.append(d.gather_cat(f.half()))
         if view == 0:
             labels = d.gather_cat(y)

@@ -13,7 +13,7 @@ import html
 import json
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -165,8 +165,11 @@ def plot_top_losses(result: EvalResult, out: Path, size: int = 96) -> Path | Non
     return _gallery(images, captions, ["red"] * len(images), out)
 
 
-def plot_augmented(dataset: Any, classes: Sequence[str], out: Path, seed: int = 0) -> Path | None:
-    """What the model really sees in training: augmented samples from the training set."""
+def plot_augmented(
+    dataset: Any, augment: Callable[[torch.Tensor], torch.Tensor] | None, classes: Sequence[str], out: Path,
+    seed: int = 0,
+) -> Path | None:  # fmt: skip
+    """What the model really sees in training: training images through the training augmentation."""
     if len(dataset) == 0:
         return None
     g = torch.Generator().manual_seed(seed)
@@ -176,7 +179,14 @@ def plot_augmented(dataset: Any, classes: Sequence[str], out: Path, seed: int = 
         if item is not None:
             images.append(item[0])
             captions.append(classes[item[1]])
-    return _gallery(images, captions, ["black"] * len(images), out) if images else None
+    if not images:
+        return None
+    batch = torch.stack(images)
+    if augment is not None:
+        with torch.random.fork_rng(devices=[]):  # the plot must not shift the training's random stream
+            torch.manual_seed(seed)
+            batch = (augment(batch) * 255).round().to(torch.uint8)
+    return _gallery(list(batch), captions, ["black"] * len(images), out)
 
 
 # ---------------------------------------------------------------------------------------------- the page
@@ -286,7 +296,12 @@ def render_html(run: Path, result: EvalResult, plots: dict[str, Path | None]) ->
     return "\n".join(p for p in parts if p)
 
 
-def write_report(run: Path, result: EvalResult, train_dataset: Any = None) -> Path:
+def write_report(
+    run: Path,
+    result: EvalResult,
+    train_dataset: Any = None,
+    augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> Path:
     """RUN/plots/*.png and RUN/report.html for `result` (the test split, or valid when there is none)."""
     run = Path(run)
     folder = run / "plots"
@@ -301,7 +316,7 @@ def write_report(run: Path, result: EvalResult, train_dataset: Any = None) -> Pa
     }
     if train_dataset is not None:
         classes = json.loads((run / "classes.json").read_text()) if (run / "classes.json").is_file() else []
-        plots["samples"] = plot_augmented(train_dataset, classes, folder / "samples.png")
+        plots["samples"] = plot_augmented(train_dataset, augment, classes, folder / "samples.png")
     elif (folder / "samples.png").is_file():
         plots["samples"] = folder / "samples.png"
     page = run / "report.html"

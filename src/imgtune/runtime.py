@@ -1,4 +1,4 @@
-"""How this process uses the machine: the memory allocator, inference precision, and background prefetching.
+"""How this process uses the machine: the memory allocator and the inference precision.
 
 Every choice here comes from a measurement on the project's reference CPU (docs/speed.md); none is a guess.
 """
@@ -9,18 +9,14 @@ import contextlib
 import ctypes
 import ctypes.util
 import logging
-import queue
 import sys
-import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable
 from functools import cache
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 
 log = logging.getLogger(__name__)
-
-T = TypeVar("T")
 
 # glibc mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD = -1
@@ -90,43 +86,28 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.Abst
     return torch.autocast(device.type, dtype=dtype)
 
 
-def prefetch(items: Iterable[T], depth: int = 2) -> Iterator[T]:
-    """Produce the next items in a background thread while the caller works on the current one.
+def largest_batch(step: Callable[[int], None], start: int, limit: int) -> int:
+    """The largest batch size that `step` runs without CUDA running out of memory: doubling from start up
+    to limit, or halving from start when start itself does not fit. step(b) runs one training step of b
+    images (forward and backward) and must free what it allocated."""
 
-    Image decoding (PIL) and tensor resizing release the GIL, so on a 2-core machine a thread overlaps
-    decoding with the model's compute without the start-up and copying costs of worker processes. Errors
-    raised by the producer are re-raised in the caller; closing the generator stops the thread."""
-    q: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=max(1, depth))
-    stop = threading.Event()
-
-    def put(message: tuple[str, Any]) -> bool:
-        while not stop.is_set():
-            try:
-                q.put(message, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def produce() -> None:
+    def fits(b: int) -> bool:
         try:
-            for item in items:
-                if not put(("item", item)):
-                    return
-            put(("end", None))
-        except BaseException as e:  # handed to the consumer
-            put(("error", e))
+            step(b)
+            return True
+        except torch.cuda.OutOfMemoryError:
+            return False
+        finally:
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
 
-    thread = threading.Thread(target=produce, name="imgtune-prefetch", daemon=True)
-    thread.start()
-    try:
-        while True:
-            kind, value = q.get()
-            if kind == "end":
-                return
-            if kind == "error":
-                raise value
-            yield value
-    finally:
-        stop.set()
-        thread.join(timeout=5)
+    b = max(1, min(start, limit))
+    if not fits(b):
+        while b > 1:
+            b //= 2
+            if fits(b):
+                return b
+        raise RuntimeError("a batch of one image does not fit in GPU memory")
+    while b * 2 <= limit and fits(b * 2):
+        b *= 2
+    return b
