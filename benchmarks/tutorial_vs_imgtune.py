@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -24,11 +25,11 @@ HERE = Path(__file__).resolve().parent
 BIN = Path(sys.executable).parent
 
 
-def timed(cmd: list[str]) -> tuple[str, list[tuple[float, str]], float, float]:
+def timed(cmd: list[str], env: dict[str, str] | None = None) -> tuple[str, list[tuple[float, str]], float, float]:
     """Run cmd under /usr/bin/time: (stdout, [(seconds since start, stderr line)], wall seconds, peak RSS GB)."""
     start = time.monotonic()
     proc = subprocess.Popen(["/usr/bin/time", "-f", "PEAK_KB %M", *cmd], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+                            stderr=subprocess.PIPE, text=True, env=env)  # fmt: skip
     lines: list[tuple[float, str]] = []
     assert proc.stderr is not None and proc.stdout is not None
     for line in proc.stderr:
@@ -58,6 +59,7 @@ def main() -> None:
     ap.add_argument("--data", type=Path, default=Path("data/fm-bench"))
     ap.add_argument("--img-size", type=int, default=112)
     ap.add_argument("--out", type=Path, default=HERE / "results" / "tutorial_vs_imgtune.md")
+    ap.add_argument("--fastai-path", type=Path, help="where fastai is installed (see fastai_baseline.py): adds it")
     args = ap.parse_args()
     imgtune = str(BIN / "imgtune")
     if not args.data.is_dir():
@@ -71,6 +73,13 @@ def main() -> None:
     base: dict[str, Any] = json.loads(out)
     # predicting is a fresh process for both, start-up included, as a user runs it
     _, _, base_pred_wall, _ = timed([*baseline, "--predict", str(weights)])
+
+    fa: dict[str, Any] | None = None
+    if args.fastai_path is not None:
+        env = {**os.environ, "PYTHONPATH": f"{args.fastai_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+        cmd = [sys.executable, str(HERE / "fastai_baseline.py"), str(args.data), "--img-size", str(args.img_size)]
+        out, _, fa_wall, fa_rss = timed(cmd, env)
+        fa = {**json.loads(out), "wall": fa_wall, "rss": fa_rss}
 
     run = Path("runs/bench-imgtune")
     shutil.rmtree(run, ignore_errors=True)
@@ -99,30 +108,65 @@ def main() -> None:
     def ratio(a: float, b: float) -> str:
         return f"{a / b:.2f}x" if b else "-"
 
+    def fastai(figure: str) -> tuple[str, float | None]:
+        """fastai's value for a figure (as text, as a number), or blanks without a fastai run."""
+        if fa is None:
+            return "", None
+        f1 = [e for e in fa["epochs"] if e["stage"] == 1]
+        f2 = [e for e in fa["epochs"] if e["stage"] == 2]
+        value = {
+            "wall": fa["wall"], "stage1_s": f1[-1]["elapsed"], "stage1_acc": max(e["valid_acc"] for e in f1),
+            "stage2_ips": sum(e["images_per_s"] for e in f2) / len(f2), "final_acc": fa["final_valid_acc"],
+            "test_acc": fa["test_acc"], "predict_in_run": fa["predict_images_per_s"], "rss": fa["rss"],
+            "stage1_ips": sum(e["images_per_s"] for e in f1) / len(f1),
+        }[figure]  # fmt: skip
+        return (f"{value:.4f}" if "acc" in figure else f"{value:.2f}" if figure == "rss" else f"{value:.0f}"), value
+
+    def row(name: str, tut: str, it: str, vs_tut: str, target: str, figure: str | None = None,
+            mine: float | None = None, higher_is_better: bool = True) -> str:  # fmt: skip
+        text, value = fastai(figure) if figure else ("", None)
+        vs_fa = ""
+        if value is not None and mine is not None:
+            vs_fa = f"{mine - value:+.4f}" if "acc" in (figure or "") else ratio(mine, value)
+        return f"| {name} | {tut} | {text} | {it} | {vs_tut} | {vs_fa} | {target} |"
+
+    it_test = summary.get("test_acc", 0)
+    it_final = float(rows[-1][6])
+    b1_ips = sum(e["images_per_s"] for e in b1) / len(b1)
     table = [
-        "| figure | tutorial loop | imgtune | imgtune / tutorial | target |",
-        "|---|---|---|---|---|",
-        f"| wall time, whole run (s) | {base_wall:.0f} | {it_wall:.0f} | {ratio(it_wall, base_wall)} | <= 1.00x |",
-        f"| frozen stage: wall from start (s) | {b1_s:.0f} | {stage1_s:.0f} | {ratio(stage1_s, b1_s)} | <= 0.20x |",
-        f"| frozen stage: epochs | 3 | {sum(1 for r in rows if r[1] == '1')} | | more |",
-        f"| frozen stage: best valid acc | {b1_acc:.4f} | {stage1_acc:.4f} | {stage1_acc - b1_acc:+.4f} | > 0 |",
-        f"| fine-tuning: train images/s | {b2_ips:.1f} | {it2_ips:.1f} | {ratio(it2_ips, b2_ips)} | >= 1.5x |",
-        f"| final valid acc | {base['final_valid_acc']:.4f} | {rows[-1][6]} | | |",
-        f"| time to the tutorial's final valid acc (s) | {base_wall:.0f} | "
-        + (f"{reach:.0f} | {ratio(reach, base_wall)} | <= 0.33x |" if reach is not None else "not reached | | |"),
-        f"| test acc (10,000 images) | {base['test_acc']:.4f} | {summary.get('test_acc', 0):.4f} | "
-        f"{summary.get('test_acc', 0) - base['test_acc']:+.4f} | >= +0.03 |",
-        f"| predict on the test set, fresh process (images/s) | {base_pred_ips:.0f} | {pred_ips:.0f} | "
-        f"{ratio(pred_ips, base_pred_ips)} | >= 3x |",
-        f"| (the tutorial's test loop at the end of its training run) | {base['predict_images_per_s']:.0f} | | | |",
-        f"| peak RSS of training (GB) | {base_rss:.2f} | {it_rss:.2f} | | imgtune <= 2.5 |",
-    ]
+        "| figure | tutorial loop | fastai fine_tune | imgtune | imgtune / tutorial | imgtune / fastai | target |",
+        "|---|---|---|---|---|---|---|",
+        row("wall time, whole run (s)", f"{base_wall:.0f}", f"{it_wall:.0f}", ratio(it_wall, base_wall), "<= 1.00x",
+            "wall", it_wall),
+        row("frozen stage: wall from start (s)", f"{b1_s:.0f}", f"{stage1_s:.0f}", ratio(stage1_s, b1_s), "<= 0.20x",
+            "stage1_s", stage1_s),
+        row("frozen stage: epochs", "3", str(sum(1 for r in rows if r[1] == "1")), "", "more"),
+        row("frozen stage: train images/s (tutorial, fastai: per epoch)", f"{b1_ips:.0f}", "features once", "", "",
+            "stage1_ips"),
+        row("frozen stage: best valid acc", f"{b1_acc:.4f}", f"{stage1_acc:.4f}", f"{stage1_acc - b1_acc:+.4f}", "> 0",
+            "stage1_acc", stage1_acc),
+        row("fine-tuning: train images/s", f"{b2_ips:.1f}", f"{it2_ips:.1f}", ratio(it2_ips, b2_ips), ">= 1.5x",
+            "stage2_ips", it2_ips),
+        row("final valid acc", f"{base['final_valid_acc']:.4f}", f"{it_final:.4f}", "", "", "final_acc", it_final),
+        row("time to the tutorial's final valid acc (s)", f"{base_wall:.0f}",
+            f"{reach:.0f}" if reach is not None else "not reached",
+            ratio(reach, base_wall) if reach is not None else "", "<= 0.33x"),
+        row("test acc (10,000 images)", f"{base['test_acc']:.4f}", f"{it_test:.4f}",
+            f"{it_test - base['test_acc']:+.4f}", ">= +0.03", "test_acc", it_test),
+        row("predict on the test set, fresh process (images/s)", f"{base_pred_ips:.0f}", f"{pred_ips:.0f}",
+            ratio(pred_ips, base_pred_ips), ">= 3x"),
+        row("(test loop at the end of the training run, images/s)", f"{base['predict_images_per_s']:.0f}", "", "", "",
+            "predict_in_run"),
+        row("peak RSS of training (GB)", f"{base_rss:.2f}", f"{it_rss:.2f}", "", "imgtune <= 2.5", "rss", it_rss),
+    ]  # fmt: skip
     text = (
         f"# tutorial loop vs imgtune ({time.strftime('%Y-%m-%d %H:%M')})\n\n"
         f"Data: {args.data} ({summary['train_images']} train, {summary['valid_images']} valid, {n_test} test), "
         f"tf_efficientnet_lite0 (offline ImageNet weights), {args.img_size} px, one run, side by side.\n"
         "Predict: each side is a fresh process (`tutorial_baseline.py --predict`, `imgtune predict`) timed from "
-        "start to exit, so start-up, model load and decoding are included.\n\n" + "\n".join(table) + "\n"
+        "start to exit, so start-up, model load and decoding are included. fastai: `fine_tune(3, freeze_epochs=3)`, "
+        "batch 32, 2 workers, aug_transforms, the same network and weights (benchmarks/fastai_baseline.py); its "
+        "predict figure is its test pass at the end of the training run.\n\n" + "\n".join(table) + "\n"
     )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)

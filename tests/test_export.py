@@ -50,7 +50,10 @@ def test_onnxruntime_backend_gives_the_same_csv(run: Path, tmp_path: Path) -> No
     data = Path(imgtune.load(run).checkpoint["config"]["data"]["path"])
     a, b = tmp_path / "torch.csv", tmp_path / "ort.csv"
     assert (
-        runner.invoke(app, ["predict", str(run), str(data / "valid"), "--out", str(a), "--top-k", "3"]).exit_code == 0
+        runner.invoke(
+            app, ["predict", str(run), str(data / "valid"), "--out", str(a), "--top-k", "3", "--precision", "fp32"]
+        ).exit_code
+        == 0
     )
     res = runner.invoke(app, ["predict", str(tmp_path / "m.onnx"), str(data / "valid"), "--out", str(b),
                               "--top-k", "3", "--backend", "onnxruntime"])  # fmt: skip

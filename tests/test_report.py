@@ -24,7 +24,7 @@ PLOTS = {"curves.png", "lr.png", "confusion_matrix.png", "reliability.png", "pre
 
 def _train(data: Path, out: Path, **extra: object) -> imgtune.TrainResult:
     overrides = {"data.path": data, "out": out, "data.img_size": 48, "data.batch_size": 8, "train.epochs_frozen": 8,
-                 "train.epochs": 1, **extra}  # fmt: skip
+                 "train.epochs": 2, **extra}  # fmt: skip
     return imgtune.train(imgtune.build_config(overrides=overrides))
 
 
