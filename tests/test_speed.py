@@ -146,15 +146,16 @@ def test_allocator_setting_applies_on_glibc() -> None:
 
 
 def test_bf16_and_fp32_predictions_agree(data: Path, tmp_path: Path) -> None:
-    result = _train(data, tmp_path / "run", **{"train.epochs_frozen": 3, "train.epochs": 0})
-    paths = sorted((data / "valid").rglob("*.png")) + sorted((data / "test").rglob("*.jpg"))
+    result = _train(data, tmp_path / "run", **{"train.epochs_frozen": 10, "train.epochs": 0})
+    paths = sorted(data.rglob("*.png")) + sorted(data.rglob("*.jpg"))
     p32 = imgtune.load(result.run_dir, "cpu", precision="fp32")
     p16 = imgtune.load(result.run_dir, "cpu", precision="bf16")
     assert p32.backend == "torch" and "bfloat16" in p16.backend
     a, b = p32.scores_for_paths(paths), p16.scores_for_paths(paths)
     assert a.kept == b.kept and len(a.kept) == len(paths)
-    assert float((a.logits.exp() - b.logits.exp()).abs().max()) < 0.05  # probabilities within bf16's precision
-    assert float((a.logits.argmax(1) == b.logits.argmax(1)).float().mean()) >= 0.9
+    pa, pb = a.logits.exp(), b.logits.exp()
+    assert float((pa - pb).abs().max()) < 0.05  # probabilities within bf16's precision
+    assert float((pa.argmax(1) == pb.argmax(1)).float().mean()) >= 0.9  # flips only on knife edges
 
 
 @pytest.mark.slow
@@ -168,7 +169,8 @@ def test_compile_trains_and_checkpoints_the_plain_model(data: Path, tmp_path: Pa
     assert math.isfinite(result.best_valid_acc)
     state = load_checkpoint(result.run_dir / "checkpoints" / "best.pt")["state_dict"]
     assert not any("_orig_mod" in k for k in state)  # loads into an uncompiled model
-    assert result.test is not None and result.test.n == 12
+    again = imgtune.evaluate(result.run_dir, data, "valid")  # a plain model from the checkpoint ...
+    assert again.accuracy == pytest.approx(result.best_valid_acc)  # ... scores what the compiled one did
 
 
 def test_largest_batch_doubles_until_out_of_memory_and_halves_when_the_start_does_not_fit() -> None:
