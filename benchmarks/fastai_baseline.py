@@ -40,6 +40,8 @@ from imgtune.models import create_model
 class EpochTimes(Callback):
     """Train-phase seconds and images of every epoch (fastai's recorder keeps only the epoch total)."""
 
+    order = 60  # after the Recorder (50), which holds the epoch's valid accuracy
+
     def __init__(self) -> None:
         self.epochs: list[dict[str, Any]] = []
         self.start = time.perf_counter()
@@ -55,6 +57,8 @@ class EpochTimes(Callback):
         self.epochs.append({"train_seconds": time.perf_counter() - self.t0, "images": self.seen})
 
     def after_epoch(self) -> None:
+        if not self.epochs or "valid_acc" in self.epochs[-1]:  # get_preds runs an epoch without training
+            return
         e = self.epochs[-1]
         e["images_per_s"] = e["images"] / e["train_seconds"]
         e["valid_acc"] = float(self.recorder.values[-1][2])
@@ -78,12 +82,14 @@ def main() -> None:
         dls, model, loss_func=CrossEntropyLossFlat(), metrics=accuracy,
         splitter=lambda m: [params(m.backbone), params(m.head)], cbs=[times],
     )  # fmt: skip
-    learn.fine_tune(3, freeze_epochs=3)
+    with learn.no_bar():  # its progress bar writes to stdout, where the JSON goes
+        learn.fine_tune(3, freeze_epochs=3)
     for i, e in enumerate(times.epochs):
         e["stage"] = 1 if i < 3 else 2
     test_dl = dls.test_dl(get_image_files(args.data / "test"), with_labels=True)
     t0 = time.perf_counter()
-    probs, labels = learn.get_preds(dl=test_dl)
+    with learn.no_bar():
+        probs, labels = learn.get_preds(dl=test_dl)
     predict_s = time.perf_counter() - t0
     test_acc = float((probs.argmax(1) == labels).float().mean())
     print(json.dumps({

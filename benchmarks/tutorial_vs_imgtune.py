@@ -79,7 +79,7 @@ def main() -> None:
         env = {**os.environ, "PYTHONPATH": f"{args.fastai_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
         cmd = [sys.executable, str(HERE / "fastai_baseline.py"), str(args.data), "--img-size", str(args.img_size)]
         out, _, fa_wall, fa_rss = timed(cmd, env)
-        fa = {**json.loads(out), "wall": fa_wall, "rss": fa_rss}
+        fa = {**json.loads(out.strip().splitlines()[-1]), "wall": fa_wall, "rss": fa_rss}
 
     run = Path("runs/bench-imgtune")
     shutil.rmtree(run, ignore_errors=True)
