@@ -200,3 +200,11 @@ def test_auto_batch_on_cpu_keeps_the_batch_and_records_it(data: Path, tmp_path: 
     result = _train(data, tmp_path / "run", **{"data.auto_batch": True, "train.epochs_frozen": 1, "train.epochs": 0})
     saved = yaml.safe_load((result.run_dir / "config.yaml").read_text())["data"]
     assert saved["batch_size"] == 8 and saved["auto_batch"] is False  # resolved once; a resume keeps it
+
+
+def test_resume_cleanup_removes_memory_mapped_features_of_an_interrupted_stage_1(tmp_path: Path) -> None:
+    from imgtune.runs import RunFolder
+
+    FeatureStore.build([torch.ones(4, 3)], torch.zeros(4, dtype=torch.long), tmp_path / "cache" / "features-rank0.npy")
+    removed = RunFolder(tmp_path).clean_leftovers()
+    assert [p.name for p in removed] == ["features-rank0.npy"] and not (tmp_path / "cache").exists()

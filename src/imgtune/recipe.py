@@ -611,6 +611,7 @@ def _head_stage(wb: Workbench, run_path: Path | None = None) -> Stage:
             batches_per_epoch=batches,
             scheduler=LRSchedule(opt, s, batches, tcfg.epochs_frozen, maximize=_maximize(cfg)),
             cheap_epochs=False,
+            augment=wb.augment if wb.augment else None,
             **common,
         )
     model.bn_policy = "frozen"

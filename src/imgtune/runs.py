@@ -5,6 +5,7 @@ runs/<name>/config.yaml, classes.json, split.csv, metrics.csv, summary.json, che
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -69,11 +70,16 @@ class RunFolder:
 
     def clean_leftovers(self) -> list[Path]:
         """Remove temporary files of writes that a crash interrupted (`.<name>.<random>.tmp`): the real
-        files next to them are complete, since every write ends in an atomic rename."""
+        files next to them are complete, since every write ends in an atomic rename. Memory-mapped stage-1
+        features (`cache/`) left by an interrupted stage 1 go too: a resume rebuilds them if it needs them."""
         removed = [p for folder in (self.path, self.path / "checkpoints") if folder.is_dir()
                    for p in folder.glob(".*.tmp")]  # fmt: skip
+        if (self.path / "cache").is_dir():
+            removed += sorted((self.path / "cache").glob("features-*.npy"))
         for p in removed:
             p.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            (self.path / "cache").rmdir()
         return removed
 
     def write_json(self, path: Path, data: Any) -> None:
