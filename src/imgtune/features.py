@@ -84,18 +84,22 @@ class FeatureStore:
         self.views, self.labels, self.path = views, labels, path
 
     @classmethod
-    def build(cls, views: Sequence[torch.Tensor], labels: torch.Tensor, path: Path | None = None) -> FeatureStore:
-        """views: K tensors N x F; path: memory-map the store there."""
-        k, (n, f) = len(views), views[0].shape
+    def create(cls, k: int, shape: tuple[int, int], labels: torch.Tensor, path: Path | None = None) -> FeatureStore:
+        """An empty K x N x F store (shape = (N, F)) to fill view by view; path: memory-map it there."""
+        n, f = shape
         if path is None:
-            data = torch.empty((k, n, f), dtype=torch.float16)
-        else:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            array = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=(k, n, f))
-            data = torch.from_numpy(array)
+            return cls(torch.empty((k, n, f), dtype=torch.float16), labels)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        array = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=(k, n, f))
+        return cls(torch.from_numpy(array), labels, path)
+
+    @classmethod
+    def build(cls, views: Sequence[torch.Tensor], labels: torch.Tensor, path: Path | None = None) -> FeatureStore:
+        """A store holding these K views (N x F each)."""
+        store = cls.create(len(views), tuple(views[0].shape), labels, path)  # type: ignore[arg-type]
         for i, v in enumerate(views):
-            data[i] = v
-        return cls(data, labels, path)
+            store.views[i] = v
+        return store
 
     @property
     def nbytes(self) -> int:

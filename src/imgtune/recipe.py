@@ -557,31 +557,32 @@ def _extract_stage1_features(wb: Workbench, run_path: Path | None) -> tuple[Feat
     cache = wb.train_plain.cache
     own_cache = cache[d.rank :: d.world] if cache is not None else None
     own = d.shard(wb.train_plain.samples)
-    views: list[torch.Tensor] = []
-    labels = torch.empty(0, dtype=torch.long)
     if own_cache is not None:
         own_labels = torch.tensor([x.label for x in own])
         batches: Callable[[], Any] = lambda: tensor_batches(own_cache, own_labels, batch, shuffle=False)  # noqa: E731
     else:
         loader = make_loader(ImageDataset(own, wb.prep), batch, shuffle=False, workers=wb.workers)
         batches = lambda: loader  # noqa: E731
-    for view in range(cfg.train.feature_views):  # view 0 as evaluated, then augmented ones
+    k = cfg.train.feature_views
+    store: FeatureStore | None = None
+    path: Path | None = None
+    for view in range(k):  # view 0 as evaluated, then augmented ones
         f, y = extract_features(model, batches(), device, dtype, transform=wb.augment if view > 0 else None)
-        views.append(d.gather_cat(f.half()))
-        if view == 0:
-            labels = d.gather_cat(y)
+        f = d.gather_cat(f.half())
+        if store is None:  # the size is known once view 0 is in (unreadable files are left out)
+            where = cfg.train.feature_store
+            on_disk = where == "disk" or (where == "auto" and k * f.numel() * 2 > 0.3 * available_memory())
+            path = run_path / "cache" / f"features-rank{d.rank}.npy" if on_disk and run_path is not None else None
+            store = FeatureStore.create(k, tuple(f.shape), d.gather_cat(y), path)  # type: ignore[arg-type]
+        store.views[view] = f  # written as it comes: a memory-mapped store never holds all views in RAM
+    assert store is not None
     f_valid, y_valid = extract_features(model, wb.valid_loader, device, dtype)  # this rank's validation shard
     seconds = time.perf_counter() - t0
-    extracted = sum(len(v) for v in views) + int(d.sum(torch.tensor(len(f_valid))))
-    needed = len(views) * views[0].numel() * 2
-    where = cfg.train.feature_store
-    on_disk = where == "disk" or (where == "auto" and needed > 0.3 * available_memory())
-    path = run_path / "cache" / f"features-rank{d.rank}.npy" if on_disk and run_path is not None else None
-    store = FeatureStore.build(views, labels, path)
+    extracted = k * len(store.labels) + int(d.sum(torch.tensor(len(f_valid))))
     log.info(
         "stage 1: backbone features for %d images (%d view%s of each training image) in %.1f s (%.0f images/s, "
         "%s); %.0f MB of fp16 features %s",
-        extracted, len(views), "s" if len(views) > 1 else "", seconds, extracted / max(seconds, 1e-9),
+        extracted, k, "s" if k > 1 else "", seconds, extracted / max(seconds, 1e-9),
         "fp32" if dtype is None else str(dtype).removeprefix("torch."), store.nbytes / 1e6,
         f"memory-mapped from {path}" if path else "in RAM",
     )  # fmt: skip
