@@ -211,11 +211,11 @@ def test_non_finite_loss_under_autocast_falls_back_to_fp32(tmp_path: Path) -> No
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_precision_on_cpu(data: Path, tmp_path: Path, precision: str) -> None:
-    from imgtune.recipe import amp_dtype_for
+    from imgtune.runtime import training_dtype
 
     result = _train(
         data, tmp_path / "run", **{"train.precision": precision, "train.epochs_frozen": 2, "train.epochs": 1}
     )
     assert math.isfinite(result.best_valid_acc) and result.summary["skipped_steps"] == 0
-    assert amp_dtype_for(precision, torch.device("cpu")) == (torch.bfloat16 if precision == "bf16" else None)
-    assert amp_dtype_for("auto", torch.device("cpu")) is None  # measured: bf16 training is slower on this CPU
+    assert training_dtype(precision, torch.device("cpu")) == (torch.bfloat16 if precision == "bf16" else None)
+    assert training_dtype("auto", torch.device("cpu")) is None  # measured: bf16 training is slower on this CPU

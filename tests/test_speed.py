@@ -13,7 +13,7 @@ import torch
 import imgtune
 from conftest import small_dataset
 from imgtune.features import FeatureStore
-from imgtune.runtime import cpu_has_native_bf16, inference_dtype, largest_batch, tune_allocator
+from imgtune.runtime import cpu_has_native_bf16, inference_dtype, largest_batch, probe_batch_size, tune_allocator
 from imgtune.transforms import BatchAugment
 
 BASE = {"data.img_size": 32, "data.batch_size": 8, "train.patience": None, "data.augment": "standard"}
@@ -208,3 +208,18 @@ def test_resume_cleanup_removes_memory_mapped_features_of_an_interrupted_stage_1
     FeatureStore.build([torch.ones(4, 3)], torch.zeros(4, dtype=torch.long), tmp_path / "cache" / "features-rank0.npy")
     removed = RunFolder(tmp_path).clean_leftovers()
     assert [p.name for p in removed] == ["features-rank0.npy"] and not (tmp_path / "cache").exists()
+
+
+def test_probe_batch_size_runs_real_steps_and_leaves_the_model_as_it_was() -> None:
+    """On the CPU nothing runs out of memory, so the probe climbs to the limit; what it must not do is change
+    the model it probed (weights, BatchNorm statistics, trainable flags, mode)."""
+    model = imgtune.create_model("cnn5", 3, pretrained=False)
+    for p in model.backbone.parameters():
+        p.requires_grad_(False)
+    model.eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert probe_batch_size(model, torch.device("cpu"), 32, start=2, limit=8, amp=None) == 8
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert not model.training and not any(p.requires_grad for p in model.backbone.parameters())
+    assert all(p.requires_grad for p in model.head.parameters())

@@ -53,7 +53,7 @@ from imgtune.optim import LRSchedule, OptimSettings, make_optimizer
 from imgtune.predict import TorchPredictor, pick_device
 from imgtune.progress import Progress, SilentProgress
 from imgtune.runs import RunFolder, ensure_free, new_run_folder
-from imgtune.runtime import autocast, inference_dtype, largest_batch, tune_allocator
+from imgtune.runtime import inference_dtype, probe_batch_size, training_dtype, tune_allocator
 from imgtune.transforms import BatchAugment, BatchMix, Preprocessing
 
 log = logging.getLogger(__name__)
@@ -68,20 +68,6 @@ class TrainResult:
     best_valid_acc: float
     test: EvalResult | None
     summary: dict[str, Any] = field(default_factory=dict)
-
-
-def amp_dtype_for(precision: str, device: torch.device) -> torch.dtype | None:
-    """auto: bf16 on CUDA GPUs that have it (else fp16 + loss scaling); fp32 on CPUs, where bf16 training
-    measured about 2x slower than fp32 on this project's reference CPU (shared/MEASURED.md)."""
-    if precision == "fp32":
-        return None
-    if precision == "bf16":
-        return torch.bfloat16
-    if precision == "fp16":
-        return torch.float16
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return None
 
 
 def _check_trainable(split: Split) -> None:
@@ -163,7 +149,7 @@ class Workbench:
             self.model, run, checkpoint_base, device=self.device, num_classes=len(self.split.classes),
             label_smoothing=tcfg.label_smoothing, class_weights=self.class_weights, grad_clip=tcfg.grad_clip,
             grad_clip_mode=tcfg.grad_clip_mode, accumulate=tcfg.accumulate,
-            amp_dtype=amp_dtype_for(tcfg.precision, self.device),
+            amp_dtype=training_dtype(tcfg.precision, self.device),
             eval_dtype=inference_dtype(tcfg.precision, self.device), monitor=tcfg.monitor, progress=progress,
             tensorboard=tensorboard, max_nonfinite=tcfg.max_nonfinite, dist=self.dist,
         )  # fmt: skip
@@ -268,36 +254,17 @@ def _check_distributed(cfg: Config, d: Dist) -> None:
 
 
 def _auto_batch(cfg: Config, model: Classifier, device: torch.device, d: Dist, n_train: int) -> Config:
-    """data.auto_batch on CUDA: probe fine-tuning steps (all layers trainable: the stage that needs the most
-    memory) on random images and keep the largest batch that fits; every rank takes the smallest rank's. The
-    run's config records the chosen size (and auto_batch off), so a resume trains with the same batch. A later
-    out-of-memory error still halves the batch (run_stage)."""
+    """data.auto_batch: the largest batch that fits on the GPU (`runtime.probe_batch_size`), the same on every
+    rank (the smallest rank's). The run's config records the size with auto_batch off, so a resume trains
+    with the same batch; a later out-of-memory error still halves it (run_stage)."""
     dcfg = cfg.data
     chosen = dcfg.batch_size
     if device.type != "cuda":
         log.info("auto batch size is for CUDA GPUs; on the CPU the batch stays %d", chosen)
     else:
-        amp = amp_dtype_for(cfg.train.precision, device)
-        saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        flags = [p.requires_grad for p in model.parameters()]
-        set_requires_grad(model, True)
-        model.train()
-
-        def step(b: int) -> None:
-            x = torch.randint(0, 256, (b, 3, dcfg.img_size, dcfg.img_size), dtype=torch.uint8, device=device)
-            with autocast(device, amp):
-                loss = model(x).float().logsumexp(1).mean()
-            loss.backward()
-            model.zero_grad(set_to_none=True)
-            torch.cuda.synchronize(device)
-
-        try:
-            found = largest_batch(step, dcfg.batch_size, min(1024, max(1, n_train // d.world)))
-        finally:
-            model.load_state_dict(saved)  # the probe's BatchNorm updates are not training
-            for p, f in zip(model.parameters(), flags, strict=True):
-                p.requires_grad_(f)
-        chosen = min(d.gather_objects(found))
+        limit = min(1024, max(1, n_train // d.world))
+        amp = training_dtype(cfg.train.precision, device)
+        chosen = min(d.gather_objects(probe_batch_size(model, device, dcfg.img_size, dcfg.batch_size, limit, amp)))
         log.info("auto batch size: %d per process (the largest that fit in GPU memory, probed from %d)",
                  chosen, dcfg.batch_size)  # fmt: skip
     return cfg.model_copy(update={"data": dcfg.model_copy(update={"batch_size": chosen, "auto_batch": False})})

@@ -62,11 +62,20 @@ def cpu_has_native_bf16() -> bool:
     return False
 
 
+def training_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for training steps; None is fp32. auto: bf16 on CUDA GPUs that have it (else fp16,
+    with loss scaling), fp32 on CPUs, where bf16 training measured about 2x slower than fp32 on this project's
+    reference CPU (shared/MEASURED.md)."""
+    if precision == "auto" and device.type != "cuda":
+        return None
+    return inference_dtype(precision, device)
+
+
 def inference_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype for forward passes without gradients (features, validation, eval, predict);
     None is fp32. auto: bf16 on CUDA GPUs that have it (else fp16), bf16 on CPUs with native bf16 (measured
     2.2-2.5x the images/s of fp32 channels_last there), fp32 on other CPUs. Training precision is separate
-    (recipe.amp_dtype_for): bf16 *training* measured slower than fp32 on the same CPU."""
+    (`training_dtype`): bf16 *training* measured slower than fp32 on the same CPU."""
     if precision == "fp32":
         return None
     if precision == "bf16":
@@ -111,3 +120,34 @@ def largest_batch(step: Callable[[int], None], start: int, limit: int) -> int:
     while b * 2 <= limit and fits(b * 2):
         b *= 2
     return b
+
+
+def probe_batch_size(
+    model: torch.nn.Module, device: torch.device, img_size: int, start: int, limit: int, amp: torch.dtype | None
+) -> int:
+    """The largest batch for which a fine-tuning step (every parameter trainable: the stage that needs the
+    most memory) on random images fits in GPU memory. The model comes back as it was: weights (the probe's
+    BatchNorm updates are not training), trainable flags and mode."""
+    saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    flags = [p.requires_grad for p in model.parameters()]
+    was_training = model.training
+    for p in model.parameters():
+        p.requires_grad_(True)
+    model.train()
+
+    def step(b: int) -> None:
+        x = torch.randint(0, 256, (b, 3, img_size, img_size), dtype=torch.uint8, device=device)
+        with autocast(device, amp):
+            loss = model(x).float().logsumexp(1).mean()
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    try:
+        return largest_batch(step, start, limit)
+    finally:
+        model.load_state_dict(saved)
+        for p, f in zip(model.parameters(), flags, strict=True):
+            p.requires_grad_(f)
+        model.train(was_training)
