@@ -6,8 +6,10 @@ default aug_transforms on the GPU-style batch pipeline, batch 32, 2 workers; `fi
 (one-cycle, frozen then discriminative LRs) as fastai's documentation teaches it. Prints one JSON object.
 
 fastai is not an imgtune dependency: install it beside the project without touching torch, e.g.
-  pip install --no-deps --target /tmp/fastai-pkgs fastai fastcore fasttransform fastprogress fastdownload \\
-      "plum-dispatch<2.10" beartype pandas scikit-learn joblib threadpoolctl scipy
+  pip install --no-deps --target /tmp/fastai-pkgs fastai fastcore fasttransform "fastprogress==1.0.3" \\
+      fastdownload "plum-dispatch<2.10" beartype pandas scikit-learn joblib threadpoolctl scipy requests \\
+      charset-normalizer urllib3 idna certifi cloudpickle python-dateutil six tzdata narwhals
+(fastprogress 1.0.3: later versions import python-fasthtml and its web stack)
 and run with PYTHONPATH=/tmp/fastai-pkgs.
 
 usage: python benchmarks/fastai_baseline.py DATA [--img-size 112]

@@ -69,6 +69,16 @@ def small_dataset(factory: pytest.TempPathFactory, name: str, train: int, valid:
     return root
 
 
+SMALL_RUN = {"data.img_size": 32, "data.batch_size": 8, "train.patience": None, "data.augment": "light"}
+
+
+def train_small(data: Path, out: Path, **overrides: object) -> Any:
+    """A few-second training run on a `small_dataset`: 32 px, batch 8, no early stopping (overrides win)."""
+    import imgtune
+
+    return imgtune.train(imgtune.build_config(overrides={"data.path": data, "out": out, **SMALL_RUN, **overrides}))
+
+
 def bomb_png(path: Path, width: int = 100_000, height: int = 100_000) -> Path:
     """A tiny PNG whose header claims a huge image: what a decompression bomb looks like to a decoder."""
 

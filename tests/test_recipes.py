@@ -12,10 +12,8 @@ import pytest
 import torch
 
 import imgtune
-from conftest import small_dataset, write_class_folders
+from conftest import small_dataset, train_small, write_class_folders
 from imgtune.optim import OPTIMIZERS, SCHEDULES, LRSchedule, OptimSettings
-
-BASE = {"data.img_size": 32, "data.batch_size": 8, "train.patience": None, "data.augment": "light"}
 
 
 @pytest.fixture(scope="module")
@@ -24,8 +22,8 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _train(data: Path, out: Path, **overrides: object) -> imgtune.TrainResult:
-    cfg = imgtune.build_config(overrides={"data.path": data, "out": out, **BASE, **overrides})
-    return imgtune.train(cfg)
+    result: imgtune.TrainResult = train_small(data, out, **{**overrides})
+    return result
 
 
 def _lrs(run: Path, stage: int = 2) -> list[float]:

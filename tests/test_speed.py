@@ -11,12 +11,10 @@ import pytest
 import torch
 
 import imgtune
-from conftest import small_dataset
+from conftest import small_dataset, train_small
 from imgtune.features import FeatureStore
 from imgtune.runtime import cpu_has_native_bf16, inference_dtype, largest_batch, probe_batch_size, tune_allocator
 from imgtune.transforms import BatchAugment
-
-BASE = {"data.img_size": 32, "data.batch_size": 8, "train.patience": None, "data.augment": "standard"}
 
 
 @pytest.fixture(scope="module")
@@ -25,8 +23,8 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _train(data: Path, out: Path, **overrides: object) -> imgtune.TrainResult:
-    cfg = imgtune.build_config(overrides={"data.path": data, "out": out, **BASE, **overrides})
-    return imgtune.train(cfg)
+    result: imgtune.TrainResult = train_small(data, out, **{"data.augment": "standard", **overrides})
+    return result
 
 
 # ---------------------------------------------------------------------------------- batched augmentation

@@ -91,6 +91,7 @@ PRESETS: dict[str, _Preset | None] = {
 
 # RGB <-> YIQ: a hue shift is a rotation of the (I, Q) plane
 _YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+_YIQ_INV = torch.linalg.inv(_YIQ)
 _GRAY = torch.tensor([0.299, 0.587, 0.114])
 
 
@@ -174,8 +175,7 @@ class BatchAugment:
             rot = torch.zeros(n, 3, 3, device=x.device)
             rot[:, 0, 0] = 1
             rot[:, 1, 1], rot[:, 1, 2], rot[:, 2, 1], rot[:, 2, 2] = turn.cos(), -turn.sin(), turn.sin(), turn.cos()
-            yiq = _YIQ.to(x.device)
-            m = torch.linalg.inv(yiq) @ rot @ yiq
+            m = _YIQ_INV.to(x.device) @ rot @ _YIQ.to(x.device)
             x = torch.einsum("nij,njhw->nihw", m, x)
         return x.clamp_(0, 1)
 
