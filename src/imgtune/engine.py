@@ -414,7 +414,9 @@ class Trainer:
             train_seconds = time.perf_counter() - t0
             evaluated = stage.ema.module if stage.ema is not None else stage.module
             valid = self.validate(evaluated, stage.valid_batches())
-            raw = self.validate(stage.module, stage.valid_batches()) if stage.ema is not None else None
+            # the raw weights once, at the stage's last epoch: every epoch would cost a tenth of the training time
+            last = st.stage_epochs_done + 1 == stage.epochs
+            raw = self.validate(stage.module, stage.valid_batches()) if stage.ema is not None and last else None
             stage.scheduler.epoch_end(self._score(valid))
             seconds = time.perf_counter() - t0
             st.epoch += 1

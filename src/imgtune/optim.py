@@ -178,3 +178,26 @@ def _one_cycle(t: float, pct_start: float = 0.25, div: float = 25.0, final_div: 
         return start + (1.0 - start) * 0.5 * (1.0 - math.cos(math.pi * t / pct_start))
     u = (t - pct_start) / (1.0 - pct_start)
     return low + (1.0 - low) * 0.5 * (1.0 + math.cos(math.pi * u))
+
+
+def weight_ema(model: torch.nn.Module, decay: float) -> torch.optim.swa_utils.AveragedModel:
+    """Exponential moving average of the weights (and BatchNorm buffers), with timm's warm-up: update t uses
+    min(decay, (1 + t) / (10 + t)). A fixed 0.99 over a stage of 50 steps (a few hundred images) would still
+    carry 60% of the starting weights at its end; with the warm-up the average follows the early steps closely
+    and reaches the set horizon only once there are enough steps for it. The count of updates is the
+    AveragedModel's `n_averaged`, which checkpoints keep, so a resumed run averages exactly as before."""
+    from torch.optim.swa_utils import AveragedModel
+
+    Tensors = tuple[torch.Tensor, ...] | list[torch.Tensor]
+
+    @torch.no_grad()
+    def update(averaged: Tensors, current: Tensors, n: torch.Tensor | int) -> None:
+        if not averaged[0].is_floating_point():  # counters (BatchNorm's num_batches_tracked): the latest
+            torch._foreach_copy_(averaged, current)
+            return
+        t = torch.as_tensor(n, dtype=averaged[0].dtype, device=averaged[0].device)
+        # a tensor weight (an overload the type stubs lack): no host-device synchronisation per step on a GPU
+        weight = 1.0 - torch.clamp((1 + t) / (10 + t), max=decay)
+        torch._foreach_lerp_(averaged, current, weight)  # type: ignore[call-overload]
+
+    return AveragedModel(model, multi_avg_fn=update, use_buffers=True)

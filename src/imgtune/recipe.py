@@ -49,7 +49,7 @@ from imgtune.models import (
     set_requires_grad,
     unfreeze_top,
 )
-from imgtune.optim import LRSchedule, OptimSettings, make_optimizer
+from imgtune.optim import LRSchedule, OptimSettings, make_optimizer, weight_ema
 from imgtune.predict import TorchPredictor, pick_device
 from imgtune.progress import Progress, SilentProgress
 from imgtune.runs import RunFolder, ensure_free, new_run_folder
@@ -476,11 +476,7 @@ def _finetune_stage(wb: Workbench) -> Stage:
     opt = make_optimizer(param_groups(model, s.lr, backbone_lr, s.weight_decay, tcfg.lr_decay), s)
     loader = wb.image_loader()
     batches = len(loader)
-    ema = None
-    if tcfg.ema is not None:
-        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-
-        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(tcfg.ema), use_buffers=True)
+    ema = weight_ema(model, tcfg.ema) if tcfg.ema is not None else None
     mixing = tcfg.mixup > 0 or tcfg.cutmix > 0
     lr_text = f"layer-wise decay {tcfg.lr_decay}" if tcfg.lr_decay else f"backbone LR {backbone_lr:g}"
     what = "top " + str(tcfg.unfreeze) + " blocks" if tcfg.unfreeze else "all layers"
