@@ -88,7 +88,7 @@ class StageOverrides(_Section):
 
 class TrainConfig(_Section):
     epochs_frozen: int = Field(30, ge=0, description="head-only epochs (cheap: run on cached features)")
-    epochs: int = Field(5, ge=0, description="fine-tuning epochs with the backbone trainable")
+    epochs: int = Field(8, ge=0, description="fine-tuning epochs with the backbone trainable")
     feature_views: int = Field(
         1, ge=1, le=64, description="stage 1: cache features of K views per image (plain + K-1 augmented)"
     )
@@ -98,7 +98,7 @@ class TrainConfig(_Section):
     lr: float = Field(1e-3, gt=0.0, description="head learning rate in stage 1; stage 2 scales it down")
     lr_find: bool = Field(False, description="run the LR range test before each stage and use its suggestion")
     finetune_lr_scale: float = Field(0.5, gt=0.0, description="stage-2 head LR = lr * this (pretrained start)")
-    backbone_lr_scale: float = Field(0.2, gt=0.0, description="stage-2 backbone LR = stage-2 head LR * this")
+    backbone_lr_scale: float = Field(1.0, gt=0.0, description="stage-2 backbone LR = stage-2 head LR * this")
     lr_decay: float | None = Field(None, gt=0.0, le=1.0, description="layer-wise LR decay from head to stem")
     unfreeze: int | None = Field(None, ge=1, description="stage 2 trains only the top N backbone blocks")
     optimizer: Optimizer = "adamw"

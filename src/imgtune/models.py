@@ -1,7 +1,7 @@
 """Models by name: timm backbones (hub or offline-packaged weights) wrapped as Classifier(backbone, head).
 
 The backbone returns pooled features and the head maps them to classes. That split is what transfer learning
-needs: freeze the backbone, cache its features, train the head, then fine-tune all with a lower backbone LR.
+needs: freeze the backbone, cache its features, train the head, then fine-tune all at a smaller LR.
 Normalisation lives in the model (uint8 or [0, 1] RGB in), so exported models and the server need no
 preprocessing code beyond resize + crop.
 """

@@ -456,7 +456,7 @@ def _calibrate(wb: Workbench, run: RunFolder, best: dict[str, Any], predictor: T
 
 
 def _finetune_stage(wb: Workbench) -> Stage:
-    """Stage 2: the backbone (all of it, or its top blocks) trains too, at a lower LR than the head."""
+    """Stage 2: the backbone (all of it, or its top blocks) trains too, by default at the head's stage-2 LR."""
     tcfg, model = wb.cfg.train, wb.model
     unfreeze_top(model, tcfg.unfreeze)
     frozen = tcfg.bn == "frozen" or (tcfg.bn == "auto" and wb.pretrained_start)
