@@ -84,7 +84,7 @@ class FeatureStore:
         self.views, self.labels, self.path = views, labels, path
 
     @classmethod
-    def create(cls, k: int, shape: tuple[int, int], labels: torch.Tensor, path: Path | None = None) -> FeatureStore:
+    def create(cls, k: int, shape: Sequence[int], labels: torch.Tensor, path: Path | None = None) -> FeatureStore:
         """An empty K x N x F store (shape = (N, F)) to fill view by view; path: memory-map it there."""
         n, f = shape
         if path is None:
@@ -96,7 +96,7 @@ class FeatureStore:
     @classmethod
     def build(cls, views: Sequence[torch.Tensor], labels: torch.Tensor, path: Path | None = None) -> FeatureStore:
         """A store holding these K views (N x F each)."""
-        store = cls.create(len(views), tuple(views[0].shape), labels, path)  # type: ignore[arg-type]
+        store = cls.create(len(views), views[0].shape, labels, path)
         for i, v in enumerate(views):
             store.views[i] = v
         return store

@@ -536,7 +536,7 @@ def _extract_stage1_features(wb: Workbench, run_path: Path | None) -> tuple[Feat
             where = cfg.train.feature_store
             on_disk = where == "disk" or (where == "auto" and k * f.numel() * 2 > 0.3 * available_memory())
             path = run_path / "cache" / f"features-rank{d.rank}.npy" if on_disk and run_path is not None else None
-            store = FeatureStore.create(k, tuple(f.shape), d.gather_cat(y), path)  # type: ignore[arg-type]
+            store = FeatureStore.create(k, f.shape, d.gather_cat(y), path)
         store.views[view] = f  # written as it comes: a memory-mapped store never holds all views in RAM
     assert store is not None
     f_valid, y_valid = extract_features(model, wb.valid_loader, device, dtype)  # this rank's validation shard
