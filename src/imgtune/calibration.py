@@ -1,5 +1,5 @@
-"""Calibration: how far confidence is from accuracy (expected calibration error, reliability bins), and
-temperature scaling (Guo et al. 2017) - one scalar T fitted on validation logits, logits / T at prediction.
+"""Temperature scaling (Guo et al. 2017): one scalar T fitted on validation logits, logits / T at prediction.
+How far confidence is from accuracy (ECE, reliability bins) is measured in metrics.py, with the other metrics.
 
 T > 1 softens an over-confident model; the argmax, hence accuracy, never changes.
 """
@@ -14,41 +14,10 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
+from imgtune.metrics import expected_calibration_error
+
 if TYPE_CHECKING:
     from imgtune.predict import Predictor
-
-BINS = 15
-
-
-@dataclass
-class ReliabilityBin:
-    lower: float
-    upper: float
-    count: int
-    accuracy: float  # share of correct top-1 predictions among the images in the bin
-    confidence: float  # their mean top-1 probability
-
-
-def reliability(probs: torch.Tensor, labels: torch.Tensor, bins: int = BINS) -> list[ReliabilityBin]:
-    """Top-1 confidence in equal-width bins over [0, 1]."""
-    conf, pred = probs.max(1)
-    correct = (pred == labels).double()
-    edges = torch.linspace(0, 1, bins + 1)
-    out = []
-    for i in range(bins):
-        lo, hi = float(edges[i]), float(edges[i + 1])
-        inside = (conf > lo) & (conf <= hi) if i else (conf >= lo) & (conf <= hi)
-        n = int(inside.sum())
-        accuracy = float(correct[inside].mean()) if n else 0.0
-        out.append(ReliabilityBin(lo, hi, n, accuracy, float(conf[inside].double().mean()) if n else 0.0))
-    return out
-
-
-def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, bins: int = BINS) -> float:
-    """sum over bins of |accuracy - confidence| weighted by the bin's share of the images."""
-    table = reliability(probs, labels, bins)
-    n = max(1, len(labels))
-    return float(sum(b.count / n * abs(b.accuracy - b.confidence) for b in table))
 
 
 def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, steps: int = 200) -> float:

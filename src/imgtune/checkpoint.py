@@ -16,15 +16,17 @@ from typing import Any
 
 import torch
 
+from imgtune.errors import UserError
+
 FORMAT = "imgtune-checkpoint"
 VERSION = 1
 
 
-class DiskFullError(OSError):
+class DiskFullError(UserError, OSError):
     """A write failed for lack of space; the message names the file and says what was kept."""
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A file is not a usable imgtune checkpoint; the message names the file."""
 
 

@@ -14,7 +14,6 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
-from imgtune.checkpoint import CheckpointError, DiskFullError
 from imgtune.config import (
     RECIPES,
     Augment,
@@ -27,15 +26,10 @@ from imgtune.config import (
     Schedule,
     build_config,
 )
-from imgtune.data import DataError
-from imgtune.distributed import DistributedError, env_rank, teardown
-from imgtune.engine import Interrupted, TrainingError
-from imgtune.export import ExportError
-from imgtune.images import ImageError
-from imgtune.models import ModelError
-from imgtune.predict import InputError
+from imgtune.distributed import env_rank, teardown
+from imgtune.engine import Interrupted
+from imgtune.errors import UserError
 from imgtune.scratch import is_builtin
-from imgtune.sources import SourceError
 
 T = TypeVar("T", int, float)
 
@@ -47,21 +41,6 @@ app = typer.Typer(
 )
 data_app = typer.Typer(help="Prepare and audit dataset folders.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
-
-USER_ERRORS = (
-    ConfigError,
-    DataError,
-    ModelError,
-    CheckpointError,
-    SourceError,
-    InputError,
-    ImageError,
-    FileExistsError,
-    ExportError,
-    TrainingError,
-    DiskFullError,
-    DistributedError,
-)
 
 
 class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg,unused-ignore]
@@ -445,7 +424,7 @@ def lr_find(
     """LR range test: plot loss against an exponentially rising LR and print a suggested LR."""
     if stage not in (1, 2):
         _fail(f"--stage {stage}: choose 1 or 2")
-    from imgtune.lrfind import find_lr
+    from imgtune.recipe import find_lr
 
     overrides = {
         "data.path": data,
@@ -660,7 +639,7 @@ def main() -> None:
         if env_rank() == 0:
             typer.echo(f"interrupted: {e}", err=True)
         sys.exit(130)
-    except USER_ERRORS as e:
+    except UserError as e:
         typer.echo(f"error: {e}", err=True)
         sys.exit(2)
     except KeyboardInterrupt:

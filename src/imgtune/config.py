@@ -14,6 +14,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from imgtune.errors import UserError
 from imgtune.optim import OptimSettings
 
 Augment = Literal["none", "light", "padcrop", "standard", "strong"]
@@ -32,7 +33,7 @@ BnStage1 = Literal["frozen", "train"]
 LrScaling = Literal["none", "linear", "sqrt"]
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration value is invalid; the message names the key, repeats the value and lists choices."""
 
 

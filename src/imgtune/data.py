@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from imgtune.errors import UserError
 from imgtune.images import ImageError, Source, load_rgb
 from imgtune.transforms import Preprocessing, prepare
 
@@ -29,7 +30,7 @@ VALID_NAMES = ("valid", "val", "validation")
 IGNORED_NAMES = {"thumbs.db", "desktop.ini", "__macosx"}
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """The dataset folder cannot be used as asked; the message names the folder or file and what to do."""
 
 

@@ -21,11 +21,13 @@ import torch
 import torch.distributed as tdist
 from torch import nn
 
+from imgtune.errors import UserError
+
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-class DistributedError(RuntimeError):
+class DistributedError(UserError, RuntimeError):
     """Raised on every rank when an operation done by rank 0 for all of them failed there."""
 
 

@@ -23,6 +23,7 @@ from torch.utils.data import DistributedSampler
 
 from imgtune.checkpoint import save_checkpoint
 from imgtune.distributed import Dist, unwrap
+from imgtune.errors import UserError
 from imgtune.optim import LRSchedule
 from imgtune.progress import Progress, SilentProgress, SilentTask
 from imgtune.runs import RunFolder
@@ -75,7 +76,7 @@ def set_rng_state(state: dict[str, Any], generator: torch.Generator | None = Non
         generator.set_state(state["loader"])
 
 
-class TrainingError(RuntimeError):
+class TrainingError(UserError, RuntimeError):
     """Training cannot go on safely; the message says what was kept and what to change."""
 
 

@@ -22,6 +22,7 @@ from torch import nn
 
 from imgtune.checkpoint import atomic_write_bytes, load_checkpoint, resolve_checkpoint
 from imgtune.data import DataError, decode_prepared, list_files
+from imgtune.errors import UserError
 from imgtune.images import ImageError
 from imgtune.models import Classifier, model_from_checkpoint
 from imgtune.transforms import Preprocessing
@@ -31,7 +32,7 @@ PARITY_ATOL = 1e-4  # max |p_torch - p_onnxruntime| over all classes and images
 INPUT, OUTPUT = "image", "probabilities"
 
 
-class ExportError(RuntimeError):
+class ExportError(UserError, RuntimeError):
     """Export failed or the exported model does not match the PyTorch model."""
 
 

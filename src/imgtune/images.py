@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
+from imgtune.errors import UserError
+
 # Pillow warns at MAX_IMAGE_PIXELS and refuses at twice that; we refuse at our own limit, before decoding.
 MAX_PIXELS = 64_000_000
 # Transparent pixels are composited on this colour: a fixed rule so train and predict agree.
@@ -25,7 +27,7 @@ ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error we repor
 Source = Path | str | IO[bytes]  # a file path, or bytes in memory (uploads are never written to disk)
 
 
-class ImageError(Exception):
+class ImageError(UserError):
     """A file could not be used as an image. `reason` is short and human-readable; `kind` is one of
     missing, not_image (no image at all), bomb (refused: too many pixels), corrupt (an image, but broken)."""
 

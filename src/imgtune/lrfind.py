@@ -10,15 +10,13 @@ from __future__ import annotations
 import copy
 import logging
 import math
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from imgtune.checkpoint import atomic_write_bytes, atomic_write_text
-from imgtune.config import Config
+from imgtune.checkpoint import atomic_write_bytes
 from imgtune.engine import Batch, Stage, Trainer
 
 log = logging.getLogger(__name__)
@@ -127,22 +125,3 @@ def tune_lr(stage: Stage, trainer: Trainer, plot_path: Path, steps: int = 200) -
     stage.scheduler.rescale(factor)
     log.info("stage %d: LR finder suggests %.3g (%s); plot in %s", stage.number, result.suggestion, RULE, plot_path)
     return result.suggestion
-
-
-def find_lr(config: Config, stage: int = 1, steps: int = 200, out: Path = Path("lr_find.png")) -> LRFindResult:
-    """`imgtune lr-find`: the range test for stage 1 (head on frozen features) or stage 2 (all layers,
-    after training the head as configured, since fine-tuning starts from a trained head)."""
-    from imgtune.recipe import prepare
-    from imgtune.runs import RunFolder
-
-    wb = prepare(config)
-    with tempfile.TemporaryDirectory(prefix="imgtune-lrfind-") as tmp:
-        trainer = wb.trainer(RunFolder(Path(tmp)))
-        head = wb.head_stage()
-        if stage == 2:
-            trainer.run_stage(head)
-        target = head if stage == 1 else wb.finetune_stage()
-        result = range_test(target, trainer, steps=steps)
-    plot(result, out, f"{config.model.name}, stage {stage}")
-    atomic_write_text(out.with_suffix(".csv"), result.csv())
-    return result

@@ -105,15 +105,13 @@ def compute_metrics(
     plain_logits: torch.Tensor | None = None,
 ) -> EvalResult:
     """`logits` are what the model predicts (after temperature scaling and TTA averaging, as log-probabilities);
-    `plain_logits`, when TTA was used, the single-view ones, for the TTA gain."""
-    from imgtune.calibration import expected_calibration_error, reliability
-
+    `plain_logits`, when TTA was used, the single-view ones, for the TTA gain. The training loop's validation
+    calls this too, so valid_* in metrics.csv and `imgtune eval --split valid` are the same numbers."""
     c = len(classes)
     logits, labels = logits.float(), labels.long()
     n = len(labels)
     if n == 0:
         raise ValueError(f"no readable labelled images in the {split} split")
-    k = min(5, c)
     kw: dict[str, Any] = {"num_classes": c, "average": None, "zero_division": 0}
     precision = multiclass_precision(logits, labels, **kw)
     recall = multiclass_recall(logits, labels, **kw)
@@ -124,35 +122,20 @@ def compute_metrics(
     probs = logits.softmax(1)
     conf, pred = probs.max(1)
     cm = multiclass_confusion_matrix(logits, labels, num_classes=c)
-    off = cm.clone().fill_diagonal_(0)
-    order = off.flatten().argsort(descending=True)
-    most_confused = [
-        {"true": classes[int(i) // c], "predicted": classes[int(i) % c], "count": int(off.flatten()[i])}
-        for i in order[:10]
-        if off.flatten()[i] > 0
-    ]
-    nll = F.cross_entropy(logits, labels, reduction="none")
-    wrong = (pred != labels).nonzero().view(-1)
-    worst = wrong[nll[wrong].argsort(descending=True)][:16]
     names = paths or [""] * n
-    top_losses = [
-        {"path": names[i], "true": classes[int(labels[i])], "predicted": classes[int(pred[i])],
-         "confidence": float(conf[i]), "loss": float(nll[i])}
-        for i in worst.tolist()
-    ]  # fmt: skip
-    per_class = [
-        ClassMetrics(classes[i], float(precision[i]), float(recall[i]), float(f1[i]), int(support[i])) for i in range(c)
-    ]
     return EvalResult(
         split=split,
         classes=list(classes),
         n=n,
         accuracy=float((logits.argmax(1) == labels).float().mean()),
-        top5=float(multiclass_accuracy(logits, labels, num_classes=c, top_k=k, average="micro")),
+        top5=float(multiclass_accuracy(logits, labels, num_classes=c, top_k=min(5, c), average="micro")),
         loss=float(F.cross_entropy(logits, labels)),
         macro_f1=float(f1[present].mean()),
         balanced_accuracy=float(recall[present].mean()),
-        per_class=per_class,
+        per_class=[
+            ClassMetrics(classes[i], float(precision[i]), float(recall[i]), float(f1[i]), int(support[i]))
+            for i in range(c)
+        ],
         confusion_matrix=cm.tolist(),
         skipped=list(skipped or []),
         macro_precision=float(precision[present].mean()),
@@ -161,14 +144,77 @@ def compute_metrics(
         weighted_recall=float((recall.double() * weights).sum()),
         weighted_f1=float((f1.double() * weights).sum()),
         confusion_normalized=(cm.double() / cm.sum(1, keepdim=True).clamp(min=1)).tolist(),
-        most_confused=most_confused,
+        most_confused=_most_confused(cm, classes),
         ece=expected_calibration_error(probs, labels),
-        reliability=[vars(b) for b in reliability(probs, labels)],
+        reliability=[vars(b) for b in reliability_bins(probs, labels)],
         temperature=temperature,
         tta=plain_logits is not None,
         accuracy_without_tta=(
             float((plain_logits.argmax(1) == labels).float().mean()) if plain_logits is not None else None
         ),
-        top_losses=top_losses,
+        top_losses=_top_losses(logits, labels, classes, names),
         samples=[(names[i], int(labels[i]), int(pred[i]), float(conf[i])) for i in range(n)],
     )
+
+
+def _most_confused(cm: torch.Tensor, classes: list[str], most: int = 10) -> list[dict[str, Any]]:
+    """The largest off-diagonal cells of the confusion matrix: which class is taken for which, how often."""
+    c = len(classes)
+    off = cm.clone().fill_diagonal_(0).flatten()
+    return [
+        {"true": classes[int(i) // c], "predicted": classes[int(i) % c], "count": int(off[i])}
+        for i in off.argsort(descending=True)[:most]
+        if off[i] > 0
+    ]
+
+
+def _top_losses(
+    logits: torch.Tensor, labels: torch.Tensor, classes: list[str], names: list[str], most: int = 16
+) -> list[dict[str, Any]]:
+    """The most confidently wrong images: what to look at first for label noise or a missing class."""
+    probs = logits.softmax(1)
+    conf, pred = probs.max(1)
+    nll = F.cross_entropy(logits, labels, reduction="none")
+    wrong = (pred != labels).nonzero().view(-1)
+    worst = wrong[nll[wrong].argsort(descending=True)][:most]
+    return [
+        {"path": names[i], "true": classes[int(labels[i])], "predicted": classes[int(pred[i])],
+         "confidence": float(conf[i]), "loss": float(nll[i])}
+        for i in worst.tolist()
+    ]  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------- calibration
+
+BINS = 15
+
+
+@dataclass
+class ReliabilityBin:
+    lower: float
+    upper: float
+    count: int
+    accuracy: float  # share of correct top-1 predictions among the images in the bin
+    confidence: float  # their mean top-1 probability
+
+
+def reliability_bins(probs: torch.Tensor, labels: torch.Tensor, bins: int = BINS) -> list[ReliabilityBin]:
+    """Top-1 confidence in equal-width bins over [0, 1]."""
+    conf, pred = probs.max(1)
+    correct = (pred == labels).double()
+    edges = torch.linspace(0, 1, bins + 1)
+    out = []
+    for i in range(bins):
+        lo, hi = float(edges[i]), float(edges[i + 1])
+        inside = (conf > lo) & (conf <= hi) if i else (conf >= lo) & (conf <= hi)
+        count = int(inside.sum())
+        accuracy = float(correct[inside].mean()) if count else 0.0
+        out.append(ReliabilityBin(lo, hi, count, accuracy, float(conf[inside].double().mean()) if count else 0.0))
+    return out
+
+
+def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, bins: int = BINS) -> float:
+    """sum over bins of |accuracy - confidence| weighted by the bin's share of the images."""
+    table = reliability_bins(probs, labels, bins)
+    n = max(1, len(labels))
+    return float(sum(b.count / n * abs(b.accuracy - b.confidence) for b in table))

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from imgtune.checkpoint import CheckpointError, safe_torch_load
+from imgtune.errors import UserError
 from imgtune.scratch import BUILTIN, MEAN, STD
 from imgtune.transforms import Preprocessing
 
@@ -33,7 +34,7 @@ OFFLINE_WEIGHTS: dict[str, str] = {
 _BN_TYPES = (nn.modules.batchnorm._BatchNorm,)
 
 
-class ModelError(ValueError):
+class ModelError(UserError, ValueError):
     """A model name, weights file or pretrained download is unusable; the message says what to do."""
 
 

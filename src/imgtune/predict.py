@@ -20,24 +20,17 @@ from torch.utils.data import DataLoader, Dataset
 
 from imgtune.checkpoint import CheckpointError, atomic_write_text, load_checkpoint, resolve_checkpoint
 from imgtune.data import DataError, decode_prepared, list_files
+from imgtune.errors import UserError
 from imgtune.images import ImageError
 from imgtune.metrics import EvalResult, compute_metrics
 from imgtune.models import Classifier, model_from_checkpoint
-from imgtune.runtime import autocast, inference_dtype, tune_allocator
+from imgtune.runtime import autocast, inference_dtype, pick_device, tune_allocator
 from imgtune.transforms import Preprocessing
 
 log = logging.getLogger(__name__)
 
 
-def pick_device(device: str = "auto") -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda was asked for, but PyTorch sees no CUDA GPU here")
-    return torch.device(device)
-
-
-class InputError(ValueError):
+class InputError(UserError, ValueError):
     """A path given to predict matches nothing."""
 
 

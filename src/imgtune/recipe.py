@@ -11,6 +11,7 @@ import dataclasses
 import logging
 import math
 import platform
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ from typing import Any
 import torch
 import yaml
 
-from imgtune.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from imgtune.checkpoint import CheckpointError, atomic_write_text, load_checkpoint, save_checkpoint
 from imgtune.config import Config, ConfigError
 from imgtune.data import (
     DataError,
@@ -40,6 +41,7 @@ from imgtune.data import (
 from imgtune.distributed import Dist, convert_sync_batchnorm, current, setup, wrap
 from imgtune.engine import STOP, Stage, Trainer, seed_everything
 from imgtune.features import FeatureStore, extract_features, tensor_batches
+from imgtune.lrfind import LRFindResult, plot, range_test, tune_lr
 from imgtune.metrics import EvalResult
 from imgtune.models import (
     Classifier,
@@ -50,10 +52,10 @@ from imgtune.models import (
     unfreeze_top,
 )
 from imgtune.optim import LRSchedule, OptimSettings, make_optimizer, weight_ema
-from imgtune.predict import TorchPredictor, pick_device
+from imgtune.predict import TorchPredictor
 from imgtune.progress import Progress, SilentProgress
 from imgtune.runs import RunFolder, ensure_free, new_run_folder
-from imgtune.runtime import inference_dtype, probe_batch_size, training_dtype, tune_allocator
+from imgtune.runtime import inference_dtype, pick_device, probe_batch_size, training_dtype, tune_allocator
 from imgtune.transforms import BatchAugment, BatchMix, Preprocessing
 
 log = logging.getLogger(__name__)
@@ -338,8 +340,6 @@ def _run(cfg: Config, progress: Progress | None, resume_from: RunFolder | None) 
                 if last is not None and resume_stage == stage.number:
                     trainer.restore(last["train_state"], stage, last["state_dict"])
                 elif tcfg.lr_find:
-                    from imgtune.lrfind import tune_lr
-
                     tune_lr(stage, trainer, run.path / f"lr_find_stage{stage.number}.png")
                 trainer.run_stage(stage)
                 return
@@ -595,3 +595,19 @@ def _head_stage(wb: Workbench, run_path: Path | None = None) -> Stage:
         generator=generator,
         **common,
     )
+
+
+def find_lr(config: Config, stage: int = 1, steps: int = 200, out: Path = Path("lr_find.png")) -> LRFindResult:
+    """`imgtune lr-find`: the range test for stage 1 (head on frozen features) or stage 2 (all layers,
+    after training the head as configured, since fine-tuning starts from a trained head)."""
+    wb = prepare(config)
+    with tempfile.TemporaryDirectory(prefix="imgtune-lrfind-") as tmp:
+        trainer = wb.trainer(RunFolder(Path(tmp)))
+        head = wb.head_stage()
+        if stage == 2:
+            trainer.run_stage(head)
+        target = head if stage == 1 else wb.finetune_stage()
+        result = range_test(target, trainer, steps=steps)
+    plot(result, out, f"{config.model.name}, stage {stage}")
+    atomic_write_text(out.with_suffix(".csv"), result.csv())
+    return result

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from imgtune.checkpoint import atomic_write_text
+from imgtune.errors import UserError
 
 METRIC_COLUMNS = [
     "epoch",
@@ -104,9 +105,13 @@ def _fmt(value: Any) -> Any:
     return f"{value:.6g}" if isinstance(value, float) else value
 
 
+class RunFolderError(UserError, FileExistsError):
+    """The run folder asked for is taken; the message says how to choose another or continue it."""
+
+
 def ensure_free(out: Path) -> None:
     if Path(out).exists() and any(Path(out).iterdir()):
-        raise FileExistsError(
+        raise RunFolderError(
             f"{out}: run folder exists and is not empty; choose another --out, remove it, or --resume {out}"
         )
 
@@ -127,4 +132,4 @@ def new_run_folder(out: Path | None, data: Path, base: Path = Path("runs")) -> R
         except FileExistsError:
             continue
         return RunFolder(candidate)
-    raise FileExistsError(f"{base}: no free run folder name for {stem}")
+    raise RunFolderError(f"{base}: no free run folder name for {stem}")

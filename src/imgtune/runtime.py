@@ -1,4 +1,4 @@
-"""How this process uses the machine: the memory allocator and the inference precision.
+"""How this process uses the machine: the device, the memory allocator, the training and inference precision.
 
 Every choice here comes from a measurement on the project's reference CPU (docs/speed.md); none is a guess.
 """
@@ -16,12 +16,27 @@ from typing import Any
 
 import torch
 
+from imgtune.errors import UserError
+
 log = logging.getLogger(__name__)
 
 # glibc mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 _MMAP_THRESHOLD = 1 << 30
+
+
+class DeviceError(UserError, RuntimeError):
+    """The device asked for is not there."""
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    """auto: the CUDA GPU when PyTorch sees one, else the CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise DeviceError("--device cuda was asked for, but PyTorch sees no CUDA GPU here")
+    return torch.device(device)
 
 
 @cache

@@ -26,6 +26,7 @@ import numpy as np
 from PIL import Image
 
 from imgtune.checkpoint import atomic_write_text
+from imgtune.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,7 @@ _IDX_TYPES: dict[int, np.dtype[Any]] = {
 MARKER = ".imgtune-source.json"
 
 
-class SourceError(ValueError):
+class SourceError(UserError, ValueError):
     """A dataset source is missing or malformed; the message names the file."""
 
 

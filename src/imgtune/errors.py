@@ -1,0 +1,13 @@
+"""The one base class of the errors that are the user's to fix.
+
+Each module keeps its own error type next to the code that raises it (`DataError` in data.py, ...), and each
+derives from `UserError` as well as from the builtin type it always had (ValueError, RuntimeError, OSError),
+so callers that catch those keep working. The CLI catches `UserError` alone: its message is printed as one
+line, without a traceback, and the exit status is 2. Anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """Bad data, a bad config value, an unusable file: the message names it and says what to do."""
