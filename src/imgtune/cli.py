@@ -21,9 +21,7 @@ from imgtune.config import (
     CacheMode,
     ConfigError,
     Device,
-    Optimizer,
     Precision,
-    Schedule,
     build_config,
 )
 from imgtune.distributed import env_rank, teardown
@@ -217,8 +215,8 @@ def train(
     lr: Annotated[
         str | None, typer.Option(help="Stage-1 LR; stage 2: x0.5 head, x0.1 backbone; 'auto': LR finder [1e-3].")
     ] = None,
-    optimizer: Annotated[Optimizer | None, typer.Option(help="Optimizer, both stages [adamw].")] = None,
-    schedule: Annotated[Schedule | None, typer.Option(help="LR schedule, both stages [cosine].")] = None,
+    optimizer: Annotated[str | None, typer.Option(help="Optimizer, both stages [adamw].")] = None,
+    schedule: Annotated[str | None, typer.Option(help="LR schedule, both stages [cosine].")] = None,
     warmup: Annotated[float | None, typer.Option(help="Share of a stage's steps with linear warmup [0.1].")] = None,
     step_size: Annotated[int | None, typer.Option(help="step schedule: epochs between decays [10].")] = None,
     milestones: Annotated[str | None, typer.Option(help="multistep schedule: epochs, e.g. 10,20.")] = None,
@@ -418,7 +416,7 @@ def lr_find(
     model: Annotated[str | None, typer.Option(help="timm model name [tf_efficientnet_lite0].")] = None,
     img_size: Annotated[int | None, typer.Option(help="Input size in pixels [224].")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Batch size [32].")] = None,
-    optimizer: Annotated[Optimizer | None, typer.Option(help="Optimizer [adamw].")] = None,
+    optimizer: Annotated[str | None, typer.Option(help="Optimizer [adamw].")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Any config key, as for train.")] = None,
 ) -> None:
     """LR range test: plot loss against an exponentially rising LR and print a suggested LR."""

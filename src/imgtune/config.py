@@ -15,14 +15,12 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from imgtune.errors import UserError
-from imgtune.optim import OptimSettings
+from imgtune.optim import OPTIMIZERS, SCHEDULES, OptimSettings, check_choice
 
 Augment = Literal["none", "light", "padcrop", "standard", "strong"]
 Device = Literal["auto", "cpu", "cuda"]
 Backend = Literal["torch", "onnxruntime"]
 CacheMode = Literal["auto", "ram", "none"]
-Optimizer = Literal["sgd", "adam", "adamw", "rmsprop"]
-Schedule = Literal["constant", "cosine", "onecycle", "step", "multistep", "exponential", "plateau"]
 Monitor = Literal["valid_acc", "valid_loss", "macro_f1", "balanced_acc"]
 Balance = Literal["none", "sampler", "weights"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
@@ -39,6 +37,22 @@ class ConfigError(UserError, ValueError):
 
 class _Section(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+def _registered_optimizer(name: str | None) -> str | None:
+    return None if name is None else check_choice(OPTIMIZERS, name, "optimizer")
+
+
+def _registered_schedule(name: str | None) -> str | None:
+    return None if name is None else check_choice(SCHEDULES, name, "schedule")
+
+
+class _Registered(_Section):
+    """Sections with optimizer/schedule keys: names from the registries (optim.register_optimizer/_schedule),
+    checked when the config loads, so a name registered by the user's own code is valid too."""
+
+    _optimizer = field_validator("optimizer", check_fields=False)(_registered_optimizer)
+    _schedule = field_validator("schedule", check_fields=False)(_registered_schedule)
 
 
 class DataConfig(_Section):
@@ -72,12 +86,12 @@ class ModelConfig(_Section):
         return value
 
 
-class StageOverrides(_Section):
+class StageOverrides(_Registered):
     """Per-stage values; anything left unset falls back to the train section's value."""
 
-    optimizer: Optimizer | None = None
+    optimizer: str | None = None
     lr: float | None = Field(None, gt=0.0)
-    schedule: Schedule | None = None
+    schedule: str | None = None
     weight_decay: float | None = Field(None, ge=0.0)
     momentum: float | None = Field(None, ge=0.0, lt=1.0)
     warmup_fraction: float | None = Field(None, ge=0.0, lt=1.0)
@@ -87,7 +101,7 @@ class StageOverrides(_Section):
     plateau_patience: int | None = Field(None, ge=1)
 
 
-class TrainConfig(_Section):
+class TrainConfig(_Registered):
     epochs_frozen: int = Field(30, ge=0, description="head-only epochs (cheap: run on cached features)")
     epochs: int = Field(8, ge=0, description="fine-tuning epochs with the backbone trainable")
     feature_views: int = Field(
@@ -102,11 +116,11 @@ class TrainConfig(_Section):
     backbone_lr_scale: float = Field(1.0, gt=0.0, description="stage-2 backbone LR = stage-2 head LR * this")
     lr_decay: float | None = Field(None, gt=0.0, le=1.0, description="layer-wise LR decay from head to stem")
     unfreeze: int | None = Field(None, ge=1, description="stage 2 trains only the top N backbone blocks")
-    optimizer: Optimizer = "adamw"
+    optimizer: str = Field("adamw", description="optimizer, both stages (optim.register_optimizer adds one)")
     momentum: float = Field(0.9, ge=0.0, lt=1.0, description="SGD/RMSprop momentum")
     nesterov: bool = True
     weight_decay: float = Field(0.01, ge=0.0, description="not applied to biases and norm weights")
-    schedule: Schedule = "cosine"
+    schedule: str = Field("cosine", description="LR schedule, both stages (optim.register_schedule adds one)")
     warmup_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="share of a stage's steps spent warming up")
     step_size: int = Field(10, ge=1, description="step schedule: epochs between decays")
     milestones: list[int] = Field(default_factory=list, description="multistep schedule: epochs of the decays")

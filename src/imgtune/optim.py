@@ -1,9 +1,14 @@
-"""Optimizers and learning-rate schedules by name.
+"""Optimizers and learning-rate schedules by name: two registries (`register_optimizer`, `register_schedule`).
 
 Every schedule is one `LRSchedule`: a factor on each param group's base LR, recomputed after every batch
-(linear warmup first, then the named shape). Epoch-shaped schedules (step, multistep, exponential) change
-at epoch boundaries, the batch-shaped ones (cosine, one-cycle) every step, and plateau reacts to the
-monitored metric at the end of each epoch. Its state is plain numbers, so it checkpoints with weights_only.
+(linear warmup first, then the named shape). A shape is a plain function of where the stage is (`Clock`):
+epoch-shaped schedules (step, multistep, exponential) change at epoch boundaries, the batch-shaped ones
+(cosine, one-cycle) every step, and plateau reads the factor that the monitored metric has decayed at epoch
+ends. The state is plain numbers, so it checkpoints with weights_only. A new schedule is one function:
+
+    @register_schedule("linear")
+    def _linear(clock: Clock, s: OptimSettings) -> float:
+        return 1.0 - clock.step / clock.total
 """
 
 from __future__ import annotations
@@ -17,7 +22,6 @@ import torch
 
 OptimizerFactory = Callable[[list[dict[str, Any]], "OptimSettings"], torch.optim.Optimizer]
 OPTIMIZERS: dict[str, OptimizerFactory] = {}
-SCHEDULES = ("constant", "cosine", "onecycle", "step", "multistep", "exponential", "plateau")
 
 
 @dataclass(frozen=True)
@@ -38,13 +42,26 @@ class OptimSettings:
 
 
 def register_optimizer(name: str) -> Callable[[OptimizerFactory], OptimizerFactory]:
+    """Add an optimizer under `name` (train.optimizer, --optimizer): factory(param groups, settings)."""
+
     def add(factory: OptimizerFactory) -> OptimizerFactory:
-        if name in OPTIMIZERS:
-            raise ValueError(f"optimizer {name!r} is registered twice")
+        _check_new(OPTIMIZERS, name, "optimizer")
         OPTIMIZERS[name] = factory
         return factory
 
     return add
+
+
+def _check_new(table: dict[str, Any], name: str, what: str) -> None:
+    if name in table:
+        raise ValueError(f"{what} {name!r} is registered twice")
+
+
+def check_choice(table: dict[str, Any], name: str, what: str) -> str:
+    """For config validation: `name` if it is registered, else an error that lists what is."""
+    if name not in table:
+        raise ValueError(f"{name!r} is not a registered {what}; choose one of {', '.join(map(repr, table))}")
+    return name
 
 
 @register_optimizer("sgd")
@@ -69,9 +86,78 @@ def _rmsprop(groups: list[dict[str, Any]], s: OptimSettings) -> torch.optim.Opti
 
 def make_optimizer(groups: list[dict[str, Any]], settings: OptimSettings) -> torch.optim.Optimizer:
     """groups carry their own lr and weight_decay (see models.param_groups)."""
-    if settings.optimizer not in OPTIMIZERS:
-        raise ValueError(f"optimizer {settings.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
-    return OPTIMIZERS[settings.optimizer](groups, settings)
+    return OPTIMIZERS[check_choice(OPTIMIZERS, settings.optimizer, "optimizer")](groups, settings)
+
+
+@dataclass(frozen=True)
+class Clock:
+    """Where a stage is when its LR factor is computed."""
+
+    step: int  # optimizer steps taken in the stage
+    epoch: int  # epochs completed (step // steps per epoch)
+    total: int  # optimizer steps in the whole stage
+    warmup: int  # linear warmup steps (0 for a schedule with its own warm-up phase)
+    plateau_factor: float  # the product of the decays the monitored metric has triggered so far
+
+
+ShapeFn = Callable[[Clock, OptimSettings], float]
+
+
+@dataclass(frozen=True)
+class Schedule:
+    shape: ShapeFn  # the factor on the base LR, after warmup
+    warmup: bool = True  # False: the shape warms up itself (one-cycle), the linear warmup is not applied
+    follows_monitor: bool = False  # True: the monitored metric decays the LR at epoch ends (plateau)
+
+
+SCHEDULES: dict[str, Schedule] = {}
+
+
+def register_schedule(name: str, *, warmup: bool = True, follows_monitor: bool = False) -> Callable[[ShapeFn], ShapeFn]:
+    """Add an LR schedule under `name` (train.schedule, --schedule): shape(clock, settings) -> factor."""
+
+    def add(shape: ShapeFn) -> ShapeFn:
+        _check_new(SCHEDULES, name, "schedule")
+        SCHEDULES[name] = Schedule(shape, warmup, follows_monitor)
+        return shape
+
+    return add
+
+
+@register_schedule("constant")
+def _constant(clock: Clock, s: OptimSettings) -> float:
+    return 1.0
+
+
+@register_schedule("cosine")
+def _cosine(clock: Clock, s: OptimSettings) -> float:
+    t = (clock.step - clock.warmup) / max(1, clock.total - clock.warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, max(0.0, t))))
+
+
+@register_schedule("onecycle", warmup=False)
+def _onecycle(clock: Clock, s: OptimSettings) -> float:
+    return _one_cycle(clock.step / clock.total)
+
+
+@register_schedule("step")
+def _step(clock: Clock, s: OptimSettings) -> float:
+    return s.gamma ** (clock.epoch // max(1, s.step_size))
+
+
+@register_schedule("multistep")
+def _multistep(clock: Clock, s: OptimSettings) -> float:
+    return s.gamma ** sum(clock.epoch >= m for m in s.milestones)
+
+
+@register_schedule("exponential")
+def _exponential(clock: Clock, s: OptimSettings) -> float:
+    return s.gamma**clock.epoch
+
+
+@register_schedule("plateau", follows_monitor=True)
+def _plateau(clock: Clock, s: OptimSettings) -> float:
+    return clock.plateau_factor
 
 
 class LRSchedule:
@@ -81,14 +167,13 @@ class LRSchedule:
         self, optimizer: torch.optim.Optimizer, settings: OptimSettings, steps_per_epoch: int, epochs: int, *,
         maximize: bool = True,
     ) -> None:  # fmt: skip
-        if settings.schedule not in SCHEDULES:
-            raise ValueError(f"schedule {settings.schedule!r} is not one of {', '.join(SCHEDULES)}")
+        self.kind = SCHEDULES[check_choice(SCHEDULES, settings.schedule, "schedule")]
         self.optimizer = optimizer
         self.s = settings
         self.steps_per_epoch = max(1, steps_per_epoch)
         self.total = self.steps_per_epoch * max(1, epochs)
         # one-cycle has its own warm-up phase; for the others warmup is a linear ramp over this many steps
-        self.warmup = 0 if settings.schedule == "onecycle" else int(self.total * settings.warmup_fraction)
+        self.warmup = int(self.total * settings.warmup_fraction) if self.kind.warmup else 0
         self.maximize = maximize
         self.base_lrs = [float(g.get("initial_lr", g["lr"])) for g in optimizer.param_groups]
         for g, base in zip(optimizer.param_groups, self.base_lrs, strict=True):
@@ -100,25 +185,9 @@ class LRSchedule:
         self._apply()
 
     def factor(self, step: int) -> float:
-        s, epoch = self.s, step // self.steps_per_epoch
         warm = (step + 1) / (self.warmup + 1) if step < self.warmup else 1.0
-        kind = s.schedule
-        if kind == "constant":
-            shape = 1.0
-        elif kind == "cosine":
-            t = (step - self.warmup) / max(1, self.total - self.warmup)
-            shape = 0.5 * (1.0 + math.cos(math.pi * min(1.0, max(0.0, t))))
-        elif kind == "onecycle":
-            shape = _one_cycle(step / self.total)
-        elif kind == "step":
-            shape = s.gamma ** (epoch // max(1, s.step_size))
-        elif kind == "multistep":
-            shape = s.gamma ** sum(epoch >= m for m in s.milestones)
-        elif kind == "exponential":
-            shape = s.gamma**epoch
-        else:  # plateau
-            shape = self.plateau_factor
-        return warm * shape
+        clock = Clock(step, step // self.steps_per_epoch, self.total, self.warmup, self.plateau_factor)
+        return warm * self.kind.shape(clock, self.s)
 
     def step(self) -> None:
         self.step_count += 1
@@ -126,7 +195,7 @@ class LRSchedule:
 
     def epoch_end(self, metric: float) -> None:
         """ReduceLROnPlateau's rule: after `plateau_patience` epochs without improvement, LR *= gamma."""
-        if self.s.schedule != "plateau" or math.isnan(metric):
+        if not self.kind.follows_monitor or math.isnan(metric):
             return
         better = self.plateau_best is None or (
             metric > self.plateau_best if self.maximize else metric < self.plateau_best
