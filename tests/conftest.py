@@ -79,6 +79,14 @@ def train_small(data: Path, out: Path, **overrides: object) -> Any:
     return imgtune.train(imgtune.build_config(overrides={"data.path": data, "out": out, **SMALL_RUN, **overrides}))
 
 
+def blank_checkpoint() -> Any:
+    """The checkpoint template of a Trainer built by hand around a plain module (no arch, no classes)."""
+    from imgtune.checkpoint import Checkpoint
+    from imgtune.transforms import Preprocessing
+
+    return Checkpoint(arch={}, classes=[], preprocessing=Preprocessing(32, (0.5,) * 3, (0.5,) * 3), state_dict={})
+
+
 def bomb_png(path: Path, width: int = 100_000, height: int = 100_000) -> Path:
     """A tiny PNG whose header claims a huge image: what a decompression bomb looks like to a decoder."""
 

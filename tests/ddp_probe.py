@@ -15,11 +15,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from conftest import blank_checkpoint
 from imgtune.distributed import setup, teardown, wrap
-from imgtune.engine import STOP, Interrupted, Stage, Trainer
+from imgtune.engine import Interrupted, Trainer
 from imgtune.features import tensor_batches
 from imgtune.optim import LRSchedule, OptimSettings, make_optimizer
 from imgtune.runs import RunFolder
+from imgtune.runtime import StopRequest
+from imgtune.stage import ON_IMAGES, Stage
 
 
 def main(out: Path, where: str) -> None:
@@ -36,7 +39,8 @@ def main(out: Path, where: str) -> None:
     model = nn.Linear(8, 2)
     run = RunFolder(out)
     (out / "checkpoints").mkdir(parents=True, exist_ok=True)
-    trainer = Trainer(model, run, {"format": "probe"}, device=torch.device("cpu"), num_classes=2, dist=d)
+    stop = StopRequest()
+    trainer = Trainer(model, run, blank_checkpoint(), device=torch.device("cpu"), num_classes=2, dist=d, stop=stop)
     generator = torch.Generator().manual_seed(0)
     batch = 4
     steps = len(range(0, 96 // d.world, batch))
@@ -46,27 +50,27 @@ def main(out: Path, where: str) -> None:
     def train_batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for i, b in enumerate(tensor_batches(x, y, batch, shuffle=True, generator=generator, shard=(d.rank, d.world))):
             if kind == "train" and d.rank == 1 and trainer.state.epoch + 1 == stop_epoch and i == stop_step:
-                STOP.request()  # rank 1 alone
+                stop.request()  # rank 1 alone
             yield b
 
     def valid_batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         shard = slice(d.rank, None, d.world)
         for i, b in enumerate(tensor_batches(x[shard], y[shard], 8, shuffle=False)):
             if kind == "valid" and d.rank == 1 and trainer.state.epoch + 1 == stop_epoch and i == 1:
-                STOP.request()  # in the middle of validation
+                stop.request()  # in the middle of validation
             yield b
 
     stage = Stage(
         number=2, description="probe", module=wrap(model, d, torch.device("cpu")), train_batches=train_batches,
         valid_batches=valid_batches, batches_per_epoch=steps, epochs=6, optimizer=opt,
-        scheduler=LRSchedule(opt, settings, steps, 6), cheap_epochs=False, patience=None, generator=generator,
+        scheduler=LRSchedule(opt, settings, steps, 6), policy=ON_IMAGES, patience=None, generator=generator,
     )  # fmt: skip
     stopped = ""
     try:
         trainer.run_stage(stage)
     except Interrupted as e:
         stopped = str(e)
-    result = {"rank": d.rank, "epochs_done": trainer.state.epoch, "stopped": stopped, "asked": STOP.requested,
+    result = {"rank": d.rank, "epochs_done": trainer.state.epoch, "stopped": stopped, "asked": stop.requested,
               "gathered": gathered}  # fmt: skip
     (out / f"rank{d.rank}.json").write_text(json.dumps(result))
 

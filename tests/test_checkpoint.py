@@ -1,13 +1,16 @@
 from __future__ import annotations
 
 import ast
+import dataclasses
 import pickle
 from pathlib import Path
 
 import pytest
 import torch
 
-from imgtune.checkpoint import CheckpointError, atomic_write_text, load_checkpoint, save_checkpoint
+from conftest import blank_checkpoint
+from imgtune.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from imgtune.files import atomic_write_text
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
@@ -34,7 +37,7 @@ def test_not_a_checkpoint_and_damaged_file(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="not an imgtune checkpoint"):
         load_checkpoint(plain)
     cut = tmp_path / "cut.pt"
-    save_checkpoint(cut, {"arch": {}, "state_dict": {"w": torch.ones(1000)}, "classes": [], "preprocessing": {}})
+    save_checkpoint(cut, dataclasses.replace(blank_checkpoint(), state_dict={"w": torch.ones(1000)}))
     cut.write_bytes(cut.read_bytes()[:500])
     with pytest.raises(CheckpointError, match=str(cut.name)):
         load_checkpoint(cut)
@@ -60,3 +63,44 @@ def test_every_torch_load_in_the_source_passes_weights_only_true() -> None:
                     assert isinstance(kw.get("weights_only"), ast.Constant), f"{py}: torch.load without weights_only"
                     assert kw["weights_only"].value is True, f"{py}: torch.load with weights_only != True"
     assert calls, "expected at least one torch.load in the source"
+
+
+def _as_version_1(path: Path) -> None:
+    """Rewrite a checkpoint as imgtune's format 1 wrote it: one train_state["trainer"] dict for the loop and
+    the tracking state, no temperature unless calibrated."""
+    data = torch.load(path, weights_only=True)
+    data["version"] = 1
+    data.pop("temperature")
+    state = data.get("train_state")
+    if state:
+        state["trainer"] = {**state.pop("loop"), **state.pop("tracker")}
+    torch.save(data, path)
+
+
+def test_a_version_1_run_loads_and_resumes_and_a_newer_file_says_upgrade(
+    tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    import yaml
+
+    import imgtune
+    from conftest import small_dataset, train_small
+
+    data = small_dataset(tmp_path_factory, "v1", 6, 2)
+    run = train_small(data, tmp_path / "run", **{"train.epochs_frozen": 2, "train.epochs": 1}).run_dir
+    for name in ("best.pt", "last.pt"):
+        _as_version_1(run / "checkpoints" / name)
+    old = load_checkpoint(run / "checkpoints" / "last.pt")
+    assert old.temperature == 1.0 and old.train_state is not None and old.train_state.loop["epoch"] == 3
+    assert len(old.train_state.tracker["rows"]) == 3
+    rows = imgtune.predict(run, [data / "valid"]).rows
+    assert len(rows) == 6  # predict, eval, export and serve read format 1 as they always did
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    config["train"]["epochs"] = 2  # one more fine-tuning epoch, continued from the format-1 last.pt
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    result = imgtune.resume(run)
+    assert result.summary["epochs_run"] == 4 and len((run / "metrics.csv").read_text().splitlines()) == 1 + 4
+    newer = torch.load(run / "checkpoints" / "best.pt", weights_only=True)
+    newer["version"] = 99
+    torch.save(newer, tmp_path / "newer.pt")
+    with pytest.raises(CheckpointError, match=r"newer imgtune .*upgrade imgtune"):
+        load_checkpoint(tmp_path / "newer.pt")

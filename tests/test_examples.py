@@ -11,9 +11,11 @@ import torch
 
 import imgtune
 from conftest import small_dataset, write_class_folders
-from imgtune.recipe import prepare
+from imgtune.recipe import make_trainer
 from imgtune.runs import RunFolder
 from imgtune.scratch import is_builtin
+from imgtune.stages import finetune_stage
+from imgtune.workbench import prepare
 
 EXAMPLES = sorted((Path(__file__).resolve().parents[1] / "examples").glob("*.yaml"))
 
@@ -38,11 +40,11 @@ def test_example_config_takes_a_step(example: Path, data: Path, tmp_path: Path) 
     if cfg.model.head:
         linears = [m for m in wb.model.head if isinstance(m, torch.nn.Linear)]
         assert [(m.in_features, m.out_features) for m in linears] == [(4096, 500), (500, 3)]
-    stage = wb.finetune_stage()
+    stage = finetune_stage(wb)
     batch = next(iter(stage.train_batches()))
     one_step = dataclasses.replace(stage, train_batches=lambda: [batch], batches_per_epoch=1)
     before = [p.detach().clone() for p in wb.model.parameters()]
-    result = wb.trainer(RunFolder(tmp_path)).train_epoch(one_step)
+    result = make_trainer(wb, RunFolder(tmp_path)).train_epoch(one_step)
     assert torch.isfinite(torch.tensor(result.loss))
     changed = sum(not torch.equal(a, b) for a, b in zip(before, wb.model.parameters(), strict=True))
     assert changed > 0

@@ -15,13 +15,16 @@ from hypothesis import strategies as st
 from PIL import Image
 from typer.testing import CliRunner
 
-from imgtune.checkpoint import DiskFullError, atomic_write_bytes
+from conftest import blank_checkpoint
 from imgtune.cli import app
-from imgtune.engine import Stage, Trainer, TrainingError
+from imgtune.engine import Trainer, TrainingError
+from imgtune.files import DiskFullError, atomic_write_bytes
 from imgtune.images import ImageError, load_rgb
 from imgtune.optim import LRSchedule, OptimSettings
 from imgtune.predict import Prediction, predictions_csv
 from imgtune.runs import RunFolder
+from imgtune.stage import ON_FEATURES, Stage
+from imgtune.step import StepSettings
 
 runner = CliRunner()
 
@@ -54,13 +57,14 @@ def _stage(module: torch.nn.Module, batches: int) -> Stage:
     opt = torch.optim.SGD(module.parameters(), lr=0.1)
     data = [(torch.randn(4, 4), torch.tensor([0, 1, 0, 1]))] * batches
     sched = LRSchedule(opt, OptimSettings(), batches, 1)
-    return Stage(1, "t", module, lambda: data, lambda: data, batches, 1, opt, sched, cheap_epochs=True, patience=None)
+    return Stage(1, "t", module, lambda: data, lambda: data, batches, 1, opt, sched, policy=ON_FEATURES, patience=None)
 
 
 def test_non_finite_losses_are_skipped_then_the_run_stops(tmp_path: Path) -> None:
     module = _AlwaysNaN()
     before = [p.detach().clone() for p in module.parameters()]
-    trainer = Trainer(module, RunFolder(tmp_path), {}, device=torch.device("cpu"), num_classes=2, max_nonfinite=5)
+    trainer = Trainer(module, RunFolder(tmp_path), blank_checkpoint(), device=torch.device("cpu"), num_classes=2,
+                      step=StepSettings(max_nonfinite=5))  # fmt: skip
     with pytest.raises(TrainingError, match="6 steps had a non-finite loss"):
         trainer.train_epoch(_stage(module, 10))
     assert trainer.state.skipped_steps == 6
@@ -70,7 +74,7 @@ def test_non_finite_losses_are_skipped_then_the_run_stops(tmp_path: Path) -> Non
 def test_non_finite_weights_never_overwrite_a_checkpoint(tmp_path: Path) -> None:
     module = torch.nn.Linear(4, 2)
     run = RunFolder(tmp_path)
-    trainer = Trainer(module, run, {}, device=torch.device("cpu"), num_classes=2)
+    trainer = Trainer(module, run, blank_checkpoint(), device=torch.device("cpu"), num_classes=2)
     stage = _stage(module, 1)
     trainer.save("last", stage)
     good = run.last.read_bytes()
@@ -161,7 +165,7 @@ def test_sigkill_during_atomic_writes_never_leaves_a_partial_file(tmp_path: Path
 
     target = tmp_path / "checkpoints" / "last.pt"
     script = (
-        "import sys; from pathlib import Path; from imgtune.checkpoint import atomic_write_bytes\n"
+        "import sys; from pathlib import Path; from imgtune.files import atomic_write_bytes\n"
         "t = Path(sys.argv[1]); a, b = b'A' * 30_000_000, b'B' * 30_000_000\n"
         "while True:\n    atomic_write_bytes(t, a); atomic_write_bytes(t, b)\n"
     )

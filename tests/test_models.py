@@ -6,7 +6,7 @@ import pytest
 import skimage
 import torch
 
-from imgtune.checkpoint import save_checkpoint
+from imgtune.checkpoint import Checkpoint, save_checkpoint
 from imgtune.models import ModelError, create_model, imagenet_class_names, offline_weights_file
 from imgtune.predict import Predictor, TorchPredictor
 
@@ -84,7 +84,7 @@ def test_weights_file_from_state_dict_and_checkpoint(tmp_path: Path) -> None:
     m = create_model("resnet18", num_classes=5, pretrained=False, weights=tmp_path / "r18.pth")
     torch.testing.assert_close(m.backbone.conv1.weight, src.backbone.conv1.weight)
     ckpt = tmp_path / "best.pt"
-    save_checkpoint(ckpt, {"arch": src.arch, "state_dict": src.state_dict(), "classes": [], "preprocessing": {}})
+    save_checkpoint(ckpt, Checkpoint(src.arch, [], src.preprocessing(224), src.state_dict()))
     m2 = create_model("resnet18", num_classes=4, pretrained=False, weights=ckpt)
     torch.testing.assert_close(m2.backbone.layer1[0].conv1.weight, src.backbone.layer1[0].conv1.weight)
     with pytest.raises(ModelError, match=r"another architecture|match"):

@@ -183,8 +183,11 @@ def test_batch_mix_returns_soft_targets() -> None:
 
 
 def test_non_finite_loss_under_autocast_falls_back_to_fp32(tmp_path: Path) -> None:
-    from imgtune.engine import Stage, Trainer
+    from conftest import blank_checkpoint
+    from imgtune.engine import Trainer
     from imgtune.runs import RunFolder
+    from imgtune.stage import ON_FEATURES, Stage
+    from imgtune.step import StepSettings
 
     class Flaky(torch.nn.Module):
         def __init__(self) -> None:
@@ -201,11 +204,11 @@ def test_non_finite_loss_under_autocast_falls_back_to_fp32(tmp_path: Path) -> No
     opt = torch.optim.SGD(module.parameters(), lr=0.1)
     batches = [(torch.randn(4, 4), torch.tensor([0, 1, 0, 1]))] * 3
     stage = Stage(1, "t", module, lambda: batches, lambda: batches, 3, 1, opt, LRSchedule(opt, OptimSettings(), 3, 1),
-                  cheap_epochs=True, patience=None)  # fmt: skip
-    trainer = Trainer(module, RunFolder(tmp_path), {}, device=torch.device("cpu"), num_classes=2,
-                      amp_dtype=torch.bfloat16)  # fmt: skip
+                  policy=ON_FEATURES, patience=None)  # fmt: skip
+    trainer = Trainer(module, RunFolder(tmp_path), blank_checkpoint(), device=torch.device("cpu"), num_classes=2,
+                      step=StepSettings(amp_dtype=torch.bfloat16))  # fmt: skip
     trainer.train_epoch(stage)
-    assert trainer.amp_dtype is None and trainer.state.skipped_steps == 1
+    assert trainer.stepper.amp_dtype is None and trainer.state.skipped_steps == 1
     assert all(torch.isfinite(p).all() for p in module.parameters())
 
 

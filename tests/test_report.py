@@ -106,9 +106,9 @@ def test_eval_writes_plots_and_a_self_contained_report(shapes: tuple[Path, Path]
 def test_temperature_scaling_lowers_ece_of_an_over_confident_model(shapes: tuple[Path, Path], tmp_path: Path) -> None:
     _, run = shapes
     ckpt = load_checkpoint(run / "checkpoints" / "best.pt")
-    head = [k for k in ckpt["state_dict"] if k.startswith("head.") and k.endswith((".weight", ".bias"))]
+    head = [k for k in ckpt.state_dict if k.startswith("head.") and k.endswith((".weight", ".bias"))]
     for k in head[-2:]:  # the classifier layer x 15: the same argmax, wildly over-confident probabilities
-        ckpt["state_dict"][k] = ckpt["state_dict"][k] * 15
+        ckpt.state_dict[k] = ckpt.state_dict[k] * 15
     hot = tmp_path / "run" / "checkpoints" / "best.pt"
     hot.parent.mkdir(parents=True)
     save_checkpoint(hot, ckpt)
@@ -116,7 +116,7 @@ def test_temperature_scaling_lowers_ece_of_an_over_confident_model(shapes: tuple
     before = imgtune.evaluate(hot, root, "valid")
     res = runner.invoke(app, ["calibrate", str(hot), str(root)])
     assert res.exit_code == 0, res.output
-    fit_t = load_checkpoint(hot)["temperature"]
+    fit_t = load_checkpoint(hot).temperature
     assert fit_t > 1.5  # softened
     after = imgtune.evaluate(hot, root, "valid")
     assert after.temperature == pytest.approx(fit_t)

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 import imgtune
 from imgtune.cli import app
-from imgtune.runs import METRIC_COLUMNS
+from imgtune.tracking import METRIC_COLUMNS
 
 runner = CliRunner()
 FAST = {"data.img_size": 48, "data.batch_size": 8, "train.epochs_frozen": 8, "train.epochs": 1}

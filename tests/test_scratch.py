@@ -16,6 +16,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from conftest import write_class_folders
+from imgtune.checkpoint import Checkpoint
 from imgtune.cli import app
 from imgtune.config import RECIPES, build_config
 from imgtune.distributed import convert_sync_batchnorm
@@ -34,7 +35,7 @@ def test_builtin_architectures_classify_small_images(name: str) -> None:
     for size in (28, 32):  # Fashion-MNIST's own size and CIFAR's
         x = torch.randint(0, 256, (2, 3, size, size), dtype=torch.uint8)
         assert model(x).shape == (2, 10)
-    rebuilt = model_from_checkpoint({"arch": model.arch, "state_dict": model.state_dict()}).eval()
+    rebuilt = model_from_checkpoint(Checkpoint(model.arch, [], model.preprocessing(32), model.state_dict())).eval()
     x = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
     assert torch.equal(model(x), rebuilt(x))
 

@@ -165,7 +165,7 @@ def test_compile_trains_and_checkpoints_the_plain_model(data: Path, tmp_path: Pa
                                    "train.epochs": 1, "train.compile": True, "data.augment": "light"},
     )  # fmt: skip
     assert math.isfinite(result.best_valid_acc)
-    state = load_checkpoint(result.run_dir / "checkpoints" / "best.pt")["state_dict"]
+    state = load_checkpoint(result.run_dir / "checkpoints" / "best.pt").state_dict
     assert not any("_orig_mod" in k for k in state)  # loads into an uncompiled model
     again = imgtune.evaluate(result.run_dir, data, "valid")  # a plain model from the checkpoint ...
     assert again.accuracy == pytest.approx(result.best_valid_acc)  # ... scores what the compiled one did

@@ -116,16 +116,11 @@ def calibrate(
 ) -> Calibration:
     """Fit temperature scaling for RUN's best checkpoint on a labelled split (validation: never test) and
     store it in the checkpoint, where predict, eval, export and serve pick it up."""
-    from imgtune.calibration import calibrate_predictor
-    from imgtune.checkpoint import load_checkpoint, save_checkpoint
+    from imgtune.calibration import calibrate_checkpoint
 
     path = resolve_checkpoint(Path(run))
-    predictor = load_predictor(path, device)
-    fit = calibrate_predictor(predictor, eval_samples(Path(data), split, _first_run_dir(run)), batch_size, workers)
-    ckpt = load_checkpoint(path)
-    ckpt["temperature"] = fit.temperature
-    save_checkpoint(path, ckpt)
-    return fit
+    pairs = eval_samples(Path(data), split, _first_run_dir(run))
+    return calibrate_checkpoint(path, load_predictor(path, device), pairs, batch_size, workers)
 
 
 @dataclass

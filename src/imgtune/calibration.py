@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
+from imgtune.checkpoint import set_temperature
 from imgtune.metrics import expected_calibration_error
 
 if TYPE_CHECKING:
@@ -63,3 +64,14 @@ def calibrate_predictor(
     after = expected_calibration_error((scores.logits / temperature).softmax(1), labels)
     predictor.temperature = temperature
     return Calibration(temperature, before, after, len(labels))
+
+
+def calibrate_checkpoint(
+    path: Path, predictor: Predictor, pairs: Sequence[tuple[Path, str]], batch_size: int = 64,
+    workers: int | None = None,
+) -> Calibration:  # fmt: skip
+    """`calibrate_predictor` on the checkpoint at `path`, then the temperature stored in that file, where
+    predict, eval, export and serve pick it up (train --calibrate and imgtune calibrate both end here)."""
+    fit = calibrate_predictor(predictor, pairs, batch_size, workers)
+    set_temperature(path, fit.temperature)
+    return fit

@@ -1,75 +1,181 @@
-"""Atomic writes and safe checkpoint loading.
+"""The checkpoint format: one typed record of what a checkpoint holds, and the only code that writes or reads
+its payload.
 
-A checkpoint is a dict of tensors and plain Python values only, so `torch.load(weights_only=True)` can read
-it and nothing in it can execute code. Every file imgtune writes goes through a temp file + fsync + rename:
-a crash leaves either the old file or the new one, never half of one.
+A payload is a dict of tensors and plain Python values only, so `torch.load(weights_only=True)` reads it and
+nothing in it can execute code. Its keys are the record's fields (`train_state` nested, for last.pt), plus
+`format` and `version`. Version history:
+  1  train_state["trainer"]: the loop counters and the tracking state in one dict
+  2  train_state["loop"] (epoch, stage, ...) and train_state["tracker"] (rows, best, patience) apart
+A version-1 file still loads (its train_state is split on reading) and resumes; a file from a newer imgtune
+is refused with a message that says to upgrade.
 """
 
 from __future__ import annotations
 
-import errno
+import dataclasses
 import io
-import os
-import tempfile
+import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from imgtune.errors import UserError
+from imgtune.distributed import Dist
+from imgtune.errors import TrainingError, UserError
+from imgtune.files import atomic_write_bytes
+from imgtune.runs import RunFolder
+from imgtune.transforms import Preprocessing
 
+log = logging.getLogger(__name__)
 FORMAT = "imgtune-checkpoint"
-VERSION = 1
-
-
-class DiskFullError(UserError, OSError):
-    """A write failed for lack of space; the message names the file and says what was kept."""
+VERSION = 2
+_LOOP_KEYS = ("epoch", "stage", "stage_epochs_done", "stopped_early", "skipped_steps")  # version 1's split
 
 
 class CheckpointError(UserError, ValueError):
     """A file is not a usable imgtune checkpoint; the message names the file."""
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-            kept = f"the previous {path.name} is intact" if path.exists() else f"{path.name} was not written"
-            raise DiskFullError(f"{path}: no space left on the device ({len(data):,} bytes needed); {kept}") from e
-        raise
-    _fsync_dir(path.parent)
+@dataclass
+class TrainState:
+    """What last.pt adds to the weights for an exact resume: the state of everything that changes while
+    training, this rank's random streams and, when stopped mid-epoch, where in the epoch it was."""
+
+    loop: dict[str, Any]  # engine.LoopState: epoch, stage, epochs done in the stage, ...
+    tracker: dict[str, Any]  # tracking.Tracker.state_dict(): metrics rows, best epoch, patience
+    raw_state_dict: dict[str, torch.Tensor]  # the trained weights (state_dict holds the EMA's, if any)
+    optimizer: dict[str, Any]
+    scheduler: dict[str, Any]
+    scaler: dict[str, Any]
+    rng: dict[str, Any]  # rank 0's, as rng.rng_state() captures it
+    in_epoch: dict[str, Any] | None = None  # set when stopped mid-epoch: batches done, the epoch's RNG, sums
+    world_size: int = 1
+    amp: str | None = None  # the autocast dtype still in use (None: fp32, e.g. after a non-finite fallback)
+    ema_n_averaged: torch.Tensor | None = None
+    ranks: list[dict[str, Any]] | None = None  # under torchrun: every rank's {rng, in_epoch}
+
+    def for_rank(self, rank: int, world: int, path: Path) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        """(random streams, in-epoch position) for `rank` of `world` processes. Another number of processes
+        cannot continue inside an epoch (the shards differ); at an epoch boundary it can, with fresh per-rank
+        random streams (then not bit for bit)."""
+        if self.world_size == world:
+            own: dict[str, Any] = self.ranks[rank] if self.ranks else {"rng": self.rng, "in_epoch": self.in_epoch}
+            return own["rng"], own["in_epoch"]
+        if self.in_epoch is not None:
+            raise TrainingError(
+                f"{path} was written mid-epoch by {self.world_size} process(es); resume it with the same number "
+                f"(torchrun --nproc-per-node ...), not {world}"
+            )
+        log.warning("resuming a %d-process run with %d processes: it continues, but not bit for bit",
+                    self.world_size, world)  # fmt: skip
+        return self.rng, None
+
+    @classmethod
+    def from_payload(cls, data: dict[str, Any]) -> TrainState:
+        data = dict(data)
+        if "trainer" in data:  # version 1: one dict for the loop and the tracking state
+            old = data.pop("trainer")
+            data["loop"] = {k: old[k] for k in _LOOP_KEYS}
+            data["tracker"] = {k: v for k, v in old.items() if k not in _LOOP_KEYS}
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
+@dataclass
+class Checkpoint:
+    """Everything a checkpoint file holds. Predict, eval, export and serve need nothing else."""
+
+    arch: dict[str, Any]  # models.create_model's record: name, num_classes, head, mean/std, ...
+    classes: list[str]  # class folder names in index order (what data is matched by)
+    preprocessing: Preprocessing
+    state_dict: dict[str, torch.Tensor]  # the weights to predict with (the EMA's when weight EMA is on)
+    class_names: list[str] | None = None  # display names, when they differ from the folder names
+    config: dict[str, Any] = field(default_factory=dict)  # the run's resolved config (config.yaml)
+    epoch: int = 0  # epochs trained when written (global, over both stages)
+    stage: int = 0
+    best_valid_acc: float = 0.0
+    best_epoch: int = 0
+    temperature: float = 1.0  # temperature scaling fitted by --calibrate / imgtune calibrate (1: none)
+    train_state: TrainState | None = None  # last.pt only
+
+    @property
+    def display_names(self) -> list[str]:
+        return list(self.class_names or self.classes)
+
+    def describe(self) -> dict[str, Any]:
+        """The plain values (no weights, no training state): what a Predictor shows as `checkpoint`."""
+        return {
+            "arch": self.arch, "classes": self.classes, "class_names": self.display_names,
+            "preprocessing": self.preprocessing.to_dict(), "config": self.config, "epoch": self.epoch,
+            "stage": self.stage, "best_valid_acc": self.best_valid_acc, "best_epoch": self.best_epoch,
+            "temperature": self.temperature,
+        }  # fmt: skip
+
+    def to_payload(self) -> dict[str, Any]:
+        payload: dict[str, Any] = {"format": FORMAT, "version": VERSION, **self.describe()}
+        payload["state_dict"] = self.state_dict
+        if self.train_state is not None:  # not dataclasses.asdict: it would deep-copy every tensor
+            payload["train_state"] = {f.name: getattr(self.train_state, f.name) for f in dataclasses.fields(TrainState)}
+        return payload
+
+    @classmethod
+    def from_payload(cls, data: dict[str, Any], path: Path) -> Checkpoint:
+        for key in ("arch", "state_dict", "classes", "preprocessing"):
+            if key not in data:
+                raise CheckpointError(f"{path}: checkpoint lacks '{key}'")
+        try:
+            prep = Preprocessing.from_dict(data["preprocessing"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{path}: unreadable preprocessing record ({e})") from None
+        train_state = data.get("train_state")
+        return cls(
+            arch=dict(data["arch"]),
+            classes=list(data["classes"]),
+            preprocessing=prep,
+            state_dict=data["state_dict"],
+            class_names=list(data["class_names"]) if data.get("class_names") else None,
+            config=dict(data.get("config") or {}),
+            epoch=int(data.get("epoch", 0)),
+            stage=int(data.get("stage", 0)),
+            best_valid_acc=float(data.get("best_valid_acc", 0.0)),
+            best_epoch=int(data.get("best_epoch", 0)),
+            temperature=float(data.get("temperature", 1.0)),
+            train_state=TrainState.from_payload(train_state) if train_state else None,
+        )
 
 
-def _fsync_dir(folder: Path) -> None:
-    """Make the rename itself durable (POSIX); not possible on every platform, harmless to skip there."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+class CheckpointSaver:
+    """The one writer of a run's checkpoints/best.pt and last.pt (timm's CheckpointSaver plays this part).
+    Each is the run's template (what every checkpoint of the run says: arch, classes, preprocessing, config)
+    filled with weights and progress; last.pt adds the training state. Under torchrun every rank calls `save`
+    together: last.pt keeps each rank's random streams and place in its shard, and rank 0 writes."""
+
+    def __init__(self, run: RunFolder, template: Checkpoint, dist: Dist) -> None:
+        self.run, self.template, self.dist = run, template, dist
+
+    def save(self, kind: str, weights: dict[str, torch.Tensor], train_state: TrainState, **progress: Any) -> None:
+        """kind: best or last; progress: epoch, stage, best_valid_acc, best_epoch. Non-finite weights never
+        replace a good file."""
+        bad = [k for k, v in weights.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+        if bad:
+            raise TrainingError(
+                f"weights became non-finite ({bad[:3]}...); {kind}.pt was not overwritten and keeps the last "
+                "finite weights. Lower the LR or add --grad-clip."
+            )
+        ranks = self.dist.gather_objects({"rng": train_state.rng, "in_epoch": train_state.in_epoch})
+        if not self.dist.is_main:
+            return
+        state = dataclasses.replace(train_state, ranks=ranks if self.dist.enabled else None)
+        checkpoint = dataclasses.replace(
+            self.template, state_dict=weights, train_state=state if kind == "last" else None, **progress
+        )
+        save_checkpoint(self.run.best if kind == "best" else self.run.last, checkpoint)
 
 
-def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
+def save_checkpoint(path: Path, checkpoint: Checkpoint) -> None:
     buf = io.BytesIO()
-    torch.save({"format": FORMAT, "version": VERSION, **payload}, buf)
+    torch.save(checkpoint.to_payload(), buf)
     atomic_write_bytes(path, buf.getvalue())
 
 
@@ -87,16 +193,25 @@ def safe_torch_load(path: Path) -> Any:
         ) from None
 
 
-def load_checkpoint(path: Path) -> dict[str, Any]:
+def is_checkpoint_payload(data: Any) -> bool:
+    return isinstance(data, dict) and data.get("format") == FORMAT
+
+
+def load_checkpoint(path: Path) -> Checkpoint:
     data = safe_torch_load(path)
-    if not isinstance(data, dict) or data.get("format") != FORMAT:
+    if not is_checkpoint_payload(data):
         raise CheckpointError(f"{path}: not an imgtune checkpoint (no '{FORMAT}' marker)")
-    if int(data.get("version", 0)) > VERSION:
-        raise CheckpointError(f"{path}: written by a newer imgtune (format {data['version']}); upgrade imgtune")
-    for key in ("arch", "state_dict", "classes", "preprocessing"):
-        if key not in data:
-            raise CheckpointError(f"{path}: checkpoint lacks '{key}'")
-    return data
+    if int(data.get("version", 1)) > VERSION:
+        raise CheckpointError(
+            f"{path}: written by a newer imgtune (checkpoint format {data['version']}, this one reads up to "
+            f"{VERSION}); upgrade imgtune (pip install -U imgtune) to use it"
+        )
+    return Checkpoint.from_payload(data, Path(path))
+
+
+def set_temperature(path: Path, temperature: float) -> None:
+    """Store a fitted temperature in a checkpoint file (predict, eval, export and serve read it from there)."""
+    save_checkpoint(path, dataclasses.replace(load_checkpoint(path), temperature=temperature))
 
 
 def resolve_checkpoint(run: Path) -> Path:

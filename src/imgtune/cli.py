@@ -10,34 +10,25 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 
 import typer
 
-from imgtune.config import (
-    RECIPES,
-    Augment,
-    Backend,
-    CacheMode,
-    ConfigError,
-    Device,
-    Precision,
-    build_config,
-)
+from imgtune.config import RECIPES, Backend, Config, ConfigError, Device, Precision, build_config
 from imgtune.distributed import env_rank, teardown
 from imgtune.engine import Interrupted
 from imgtune.errors import UserError
+from imgtune.options import COMPARE_FLAGS, LR_FIND_FLAGS, TRAIN_FLAGS, Flag, numbers, overrides, with_flags
 from imgtune.scratch import is_builtin
-
-T = TypeVar("T", int, float)
 
 app = typer.Typer(
     help="Fine-tune pretrained image classifiers on a folder of images: train, evaluate, predict.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    rich_markup_mode=None,  # plain help: "[default]" stays text (rich markup would swallow "[adamw]")
 )
-data_app = typer.Typer(help="Prepare and audit dataset folders.", no_args_is_help=True)
+data_app = typer.Typer(help="Prepare and audit dataset folders.", no_args_is_help=True, rich_markup_mode=None)
 app.add_typer(data_app, name="data")
 
 
@@ -169,197 +160,66 @@ def _parse_sets(items: list[str] | None) -> dict[str, Any]:
     return out
 
 
-def _numbers(text: str | None, flag: str, kind: type[T], example: str) -> list[T] | None:
-    """A comma-separated flag value (--head 1024,256, --weights 0.6,0.4) as a list of `kind`."""
-    if text is None:
-        return None
-    try:
-        return [kind(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise ConfigError(f"{flag} {text!r}: expected comma-separated {kind.__name__}s, e.g. {example}") from None
-
-
-def _ints(text: str | None, flag: str) -> list[int] | None:
-    return _numbers(text, flag, int, "500 or 1024,256")
-
-
 def _floats(text: str | None, flag: str) -> list[float] | None:
-    return _numbers(text, flag, float, "0.6,0.4")
+    return None if text is None else numbers(float, "0.6,0.4")(text, flag)
+
+
+def _config(data: Path | None, file: Path | None, flags: dict[str, Any], table: list[Flag], sets: list[str] | None,
+            base: dict[str, Any] | None = None) -> Config:  # fmt: skip
+    """The command's Config: `base` (a recipe) < the YAML file < DATA and the flags < --set."""
+    given = {"data.path": data, **overrides(table, flags)}
+    return build_config(file, given, base=base, explicit=_parse_sets(sets))
 
 
 @app.command()
+@with_flags(TRAIN_FLAGS, recipes=True)
 def train(
     data: Annotated[
         Path | None, typer.Argument(help="Dataset folder (train/ + valid/ [+ test/], or class folders).")
     ] = None,
     config: Annotated[Path | None, typer.Option("--config", help="YAML config; flags override it.")] = None,
     resume: Annotated[Path | None, typer.Option(help="Continue an interrupted run folder from its last.pt.")] = None,
-    model: Annotated[
-        str | None, typer.Option(help="timm model name or built-in cnn5, vgg16_bn_cifar, resnet18_cifar.")
-    ] = None,
     recipe: Annotated[
         str | None, typer.Option(help="Defaults: transfer or scratch [scratch for built-in models, else transfer].")
     ] = None,
-    pretrained: Annotated[
-        bool | None, typer.Option("--pretrained/--scratch", help="ImageNet weights or random init [pretrained].")
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", metavar="KEY=VALUE", help="Any config key: --set train.stage2.lr=1e-4.")
     ] = None,
-    weights: Annotated[Path | None, typer.Option(help="Start from this state dict / imgtune checkpoint.")] = None,
-    head: Annotated[str | None, typer.Option(help="MLP head hidden sizes, e.g. 500 or 1024,256 [linear].")] = None,
-    dropout: Annotated[float | None, typer.Option(help="Dropout before the classifier [0].")] = None,
-    img_size: Annotated[int | None, typer.Option(help="Input size in pixels [224].")] = None,
-    epochs_frozen: Annotated[int | None, typer.Option(help="Head-only epochs (stage 1) [30].")] = None,
-    epochs: Annotated[int | None, typer.Option(help="Fine-tuning epochs (stage 2) [5].")] = None,
-    batch_size: Annotated[
-        str | None, typer.Option(help="Batch size, or auto (CUDA: the largest that fits in memory) [32].")
-    ] = None,
-    lr: Annotated[
-        str | None, typer.Option(help="Stage-1 LR; stage 2: x0.5 head, x0.1 backbone; 'auto': LR finder [1e-3].")
-    ] = None,
-    optimizer: Annotated[str | None, typer.Option(help="Optimizer, both stages [adamw].")] = None,
-    schedule: Annotated[str | None, typer.Option(help="LR schedule, both stages [cosine].")] = None,
-    warmup: Annotated[float | None, typer.Option(help="Share of a stage's steps with linear warmup [0.1].")] = None,
-    step_size: Annotated[int | None, typer.Option(help="step schedule: epochs between decays [10].")] = None,
-    milestones: Annotated[str | None, typer.Option(help="multistep schedule: epochs, e.g. 10,20.")] = None,
-    gamma: Annotated[
-        float | None, typer.Option(help="Decay factor of step/multistep/exponential/plateau [0.1].")
-    ] = None,
-    momentum: Annotated[float | None, typer.Option(help="SGD/RMSprop momentum [0.9].")] = None,
-    weight_decay: Annotated[float | None, typer.Option(help="Weight decay, not on biases/norms [0.01].")] = None,
-    unfreeze: Annotated[int | None, typer.Option(help="Stage 2 trains only the top N backbone blocks [all].")] = None,
-    lr_decay: Annotated[
-        float | None, typer.Option(help="Layer-wise LR decay from head to stem, e.g. 0.7 [off].")
-    ] = None,
-    bn: Annotated[str | None, typer.Option(help="BatchNorm statistics in stage 2: auto, frozen, train [auto].")] = None,
-    bn_frozen_stage: Annotated[str | None, typer.Option(help="BatchNorm in stage 1: frozen or train [frozen].")] = None,
-    label_smoothing: Annotated[float | None, typer.Option(help="Label smoothing [0.1].")] = None,
-    mixup: Annotated[float | None, typer.Option(help="Probability of mixup per batch [0].")] = None,
-    cutmix: Annotated[float | None, typer.Option(help="Probability of cutmix per batch [0].")] = None,
-    random_erasing: Annotated[float | None, typer.Option(help="Probability of random erasing [0].")] = None,
-    grad_clip: Annotated[float | None, typer.Option(help="Clip gradients to this norm/value [off].")] = None,
-    grad_clip_mode: Annotated[str | None, typer.Option(help="norm or value [norm].")] = None,
-    accumulate: Annotated[int | None, typer.Option(help="Batches per optimizer step [1].")] = None,
-    ema: Annotated[float | None, typer.Option(help="Weight EMA decay in stage 2, e.g. 0.999 [off].")] = None,
-    balance: Annotated[str | None, typer.Option(help="none, sampler or weights [none].")] = None,
-    monitor: Annotated[
-        str | None, typer.Option(help="valid_acc, valid_loss, macro_f1, balanced_acc [valid_acc].")
-    ] = None,
-    patience: Annotated[int | None, typer.Option(help="Early-stopping patience in fine-tuning epochs [3].")] = None,
-    precision: Annotated[str | None, typer.Option(help="auto, fp32, bf16, fp16 [auto].")] = None,
-    feature_views: Annotated[
-        int | None, typer.Option(help="Stage 1: cached features of K views per image (1 plain + K-1 augmented) [1].")
-    ] = None,
-    feature_store: Annotated[
-        str | None, typer.Option(help="Stage-1 features: ram, disk (memory-mapped in RUN/cache/) or auto [auto].")
-    ] = None,
-    compile_: Annotated[
-        bool | None, typer.Option("--compile", help="torch.compile the model for fine-tuning and evaluation.")
-    ] = None,
-    deterministic: Annotated[bool | None, typer.Option("--deterministic", help="Deterministic algorithms.")] = None,
-    tensorboard: Annotated[bool | None, typer.Option("--tensorboard", help="Also log to RUN/tensorboard/.")] = None,
-    calibrate: Annotated[
-        bool | None, typer.Option("--calibrate", help="Fit temperature scaling on valid (stored in best.pt).")
-    ] = None,
-    report: Annotated[bool | None, typer.Option("--report/--no-report", help="Plots + report.html [on].")] = None,
-    augment: Annotated[Augment | None, typer.Option(help="Augmentation preset [standard].")] = None,
-    valid_fraction: Annotated[float | None, typer.Option(help="Held-out share when imgtune splits [0.2].")] = None,
-    split_file: Annotated[Path | None, typer.Option(help="Reuse a split.csv from an earlier run.")] = None,
-    class_names: Annotated[
-        Path | None, typer.Option(help="JSON {folder name: display name}, e.g. cat_to_name.json.")
-    ] = None,
-    out: Annotated[Path | None, typer.Option(help="Run folder [runs/<data name>].")] = None,
-    seed: Annotated[int | None, typer.Option(help="Random seed [0].")] = None,
-    device: Annotated[Device | None, typer.Option(help="auto, cpu or cuda [auto].")] = None,
-    workers: Annotated[int | None, typer.Option(help="DataLoader workers [auto].")] = None,
-    cache: Annotated[CacheMode | None, typer.Option(help="Decoded-image RAM cache [auto].")] = None,
-    set_: Annotated[list[str] | None, typer.Option("--set", help="Any config key: --set train.stage2.lr=1e-4.")] = None,
     print_config: Annotated[bool, typer.Option("--print-config", help="Print the resolved config and exit.")] = False,
+    **flags: Any,
 ) -> None:
-    """Fine-tune a pretrained model: head on frozen features, then all layers; best checkpoint kept."""
-    from imgtune.engine import STOP
+    """Fine-tune a pretrained model: head on frozen features, then all layers; best checkpoint kept.
+
+    Every option sets the config key of the same name (docs/options.md lists them all, with --set for the rest).
+    """
     from imgtune.progress import auto_progress
+    from imgtune.runtime import StopRequest
 
-    STOP.install()  # Ctrl-C / SIGTERM: finish the step, write last.pt, exit; twice: abort
-
+    stop = StopRequest().install()  # Ctrl-C / SIGTERM: finish the step, write last.pt, exit; twice: abort
     if resume is not None:
         from imgtune.recipe import resume as run_resume
 
-        _report(run_resume(resume, progress=auto_progress()))
+        _report(run_resume(resume, progress=auto_progress(), stop=stop))
         return
     if data is None and config is None:
         _fail("give a dataset folder (DATA), --config FILE or --resume RUN")
-    auto_lr = lr == "auto"
-    overrides: dict[str, Any] = {
-        "data.path": data,
-        "data.img_size": img_size,
-        "data.batch_size": None if batch_size in (None, "auto") else _int(batch_size, "--batch-size"),
-        "data.auto_batch": True if batch_size == "auto" else None,
-        "data.augment": augment,
-        "data.valid_fraction": valid_fraction,
-        "data.split_file": split_file,
-        "data.class_names": class_names,
-        "data.cache": cache,
-        "data.workers": workers,
-        "model.name": model,
-        "model.pretrained": pretrained,
-        "model.weights": weights,
-        "model.head": _ints(head, "--head"),
-        "model.dropout": dropout,
-        "train.epochs_frozen": epochs_frozen,
-        "train.epochs": epochs,
-        "train.lr": None if lr is None or auto_lr else _float(lr, "--lr"),
-        "train.lr_find": True if auto_lr else None,
-        "train.optimizer": optimizer,
-        "train.schedule": schedule,
-        "train.warmup_fraction": warmup,
-        "train.step_size": step_size,
-        "train.milestones": _ints(milestones, "--milestones"),
-        "train.gamma": gamma,
-        "train.momentum": momentum,
-        "train.weight_decay": weight_decay,
-        "train.unfreeze": unfreeze,
-        "train.lr_decay": lr_decay,
-        "train.bn": bn,
-        "train.bn_frozen_stage": bn_frozen_stage,
-        "train.label_smoothing": label_smoothing,
-        "train.mixup": mixup,
-        "train.cutmix": cutmix,
-        "train.random_erasing": random_erasing,
-        "train.grad_clip": grad_clip,
-        "train.grad_clip_mode": grad_clip_mode,
-        "train.accumulate": accumulate,
-        "train.ema": ema,
-        "train.balance": balance,
-        "train.monitor": monitor,
-        "train.patience": patience,
-        "train.precision": precision,
-        "train.feature_views": feature_views,
-        "train.feature_store": feature_store,
-        "train.compile": compile_,
-        "train.deterministic": deterministic,
-        "train.tensorboard": tensorboard,
-        "train.calibrate": calibrate,
-        "train.report": report,
-        "out": out,
-        "seed": seed,
-        "device": device,
-    }
-    explicit = _parse_sets(set_)
-    cfg = build_config(config, overrides, explicit=explicit)
+    cfg = _config(data, config, flags, TRAIN_FLAGS, set_)
     chosen = recipe or ("scratch" if is_builtin(cfg.model.name) else "transfer")
     if chosen not in RECIPES:
         raise ConfigError(f"--recipe {chosen!r}: choose one of {', '.join(RECIPES)}")
     if RECIPES[chosen]:  # the recipe's defaults sit under the config file and the flags
-        cfg = build_config(config, overrides, base=RECIPES[chosen], explicit=explicit)
+        cfg = _config(data, config, flags, TRAIN_FLAGS, set_, RECIPES[chosen])
         logging.getLogger("imgtune").info("recipe: %s", chosen)
     if print_config:
         typer.echo(cfg.to_yaml(), nl=False)
         return
     from imgtune.api import train as run_train
 
-    _report(run_train(cfg, progress=auto_progress()))
+    _report(run_train(cfg, progress=auto_progress(), stop=stop))
 
 
 @app.command()
+@with_flags(COMPARE_FLAGS)
 def compare(
     data: Annotated[Path, typer.Argument(help="Dataset folder.")],
     models: Annotated[str, typer.Option(help="Comma-separated model names, e.g. tf_efficientnet_lite0,cnn5.")],
@@ -370,33 +230,27 @@ def compare(
         float | None, typer.Option(help="Wall-clock budget per variant: no epoch starts after it.")
     ] = None,
     config: Annotated[Path | None, typer.Option("--config", help="YAML config shared by every variant.")] = None,
-    img_size: Annotated[int | None, typer.Option(help="Input size in pixels [224].")] = None,
-    epochs_frozen: Annotated[int | None, typer.Option(help="Head-only epochs (pretrained variants) [30].")] = None,
-    epochs: Annotated[int | None, typer.Option(help="Fine-tuning / from-scratch epochs [5].")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Batch size [32].")] = None,
     out: Annotated[Path, typer.Option(help="Folder for the variants' runs, results.csv, compare.html.")] = Path(
         "runs/compare"
     ),
-    seed: Annotated[int | None, typer.Option(help="Random seed [0].")] = None,
-    set_: Annotated[list[str] | None, typer.Option("--set", help="Any config key, for every variant.")] = None,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", metavar="KEY=VALUE", help="Any config key, for every variant.")
+    ] = None,
+    **flags: Any,
 ) -> None:
     """Train variants on the same split, seed and budget (e.g. pretrained vs scratch); one table and page."""
     from imgtune.compare import compare as run_compare
-    from imgtune.engine import STOP
     from imgtune.progress import auto_progress
+    from imgtune.runtime import StopRequest
 
-    STOP.install()
-    overrides = {
-        "data.path": data, "data.img_size": img_size, "data.batch_size": batch_size,
-        "train.epochs_frozen": epochs_frozen, "train.epochs": epochs, "seed": seed,
-    }  # fmt: skip
-    base = build_config(config, overrides, explicit=_parse_sets(set_))
+    stop = StopRequest().install()
+    base = _config(data, config, flags, COMPARE_FLAGS, set_)
     names = [m.strip() for m in models.split(",") if m.strip()]
     if not names:
         _fail("--models: give at least one model name")
     results = run_compare(
         base, names, pretrained_vs_scratch=pretrained_vs_scratch, budget_minutes=budget_minutes, out=out,
-        progress=auto_progress(),
+        progress=auto_progress(), stop=stop,
     )  # fmt: skip
     for r in results:
         test = f"{r.test_acc:.4f}" if r.test_acc is not None else "-"
@@ -405,6 +259,7 @@ def compare(
 
 
 @app.command("lr-find")
+@with_flags(LR_FIND_FLAGS)
 def lr_find(
     data: Annotated[Path, typer.Argument(help="Dataset folder.")],
     stage: Annotated[int, typer.Option(help="1: head on frozen features; 2: all layers, after training the head.")] = 1,
@@ -413,43 +268,21 @@ def lr_find(
         "lr_find.png"
     ),
     config: Annotated[Path | None, typer.Option("--config", help="YAML config, as for train.")] = None,
-    model: Annotated[str | None, typer.Option(help="timm model name [tf_efficientnet_lite0].")] = None,
-    img_size: Annotated[int | None, typer.Option(help="Input size in pixels [224].")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Batch size [32].")] = None,
-    optimizer: Annotated[str | None, typer.Option(help="Optimizer [adamw].")] = None,
-    set_: Annotated[list[str] | None, typer.Option("--set", help="Any config key, as for train.")] = None,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", metavar="KEY=VALUE", help="Any config key, as for train.")
+    ] = None,
+    **flags: Any,
 ) -> None:
     """LR range test: plot loss against an exponentially rising LR and print a suggested LR."""
     if stage not in (1, 2):
         _fail(f"--stage {stage}: choose 1 or 2")
     from imgtune.recipe import find_lr
 
-    overrides = {
-        "data.path": data,
-        "model.name": model,
-        "data.img_size": img_size,
-        "data.batch_size": batch_size,
-        "train.optimizer": optimizer,
-    }
-    cfg = build_config(config, overrides, explicit=_parse_sets(set_))
+    cfg = _config(data, config, flags, LR_FIND_FLAGS, set_)
     result = find_lr(cfg, stage=stage, steps=steps, out=out)
     typer.echo(f"suggested LR for stage {stage}: {result.suggestion:.3g}")
     typer.echo(f"rule: {result.rule}; loss minimum {min(result.losses):.4f} over {len(result.lrs)} batches")
     typer.echo(f"plot: {out}  curve: {out.with_suffix('.csv')}")
-
-
-def _float(text: str, flag: str) -> float:
-    try:
-        return float(text)
-    except ValueError:
-        raise ConfigError(f"{flag} {text!r}: expected a number or 'auto'") from None
-
-
-def _int(text: str, flag: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise ConfigError(f"{flag} {text!r}: expected a whole number or 'auto'") from None
 
 
 def _report(result: Any) -> None:

@@ -14,9 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from imgtune.checkpoint import atomic_write_text
 from imgtune.config import Config
+from imgtune.files import atomic_write_text
 from imgtune.progress import Progress
+from imgtune.runtime import StopRequest
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +68,7 @@ def compare(
     budget_minutes: float | None = None,
     out: Path = Path("runs/compare"),
     progress: Progress | None = None,
+    stop: StopRequest | None = None,
 ) -> list[VariantResult]:
     """Train each variant of `base` (same data, split, seed, epochs; optional equal time budget) into
     OUT/<variant>/, then write OUT/results.csv and OUT/compare.html."""
@@ -89,7 +91,7 @@ def compare(
             }
         )
         log.info("compare: training %s into %s", v.name, folder)
-        r = train(cfg, progress)
+        r = train(cfg, progress, stop)
         if split_file is None and (r.run_dir / "split.csv").is_file():
             split_file = r.run_dir / "split.csv"  # every later variant trains and validates on these images
         results.append(

@@ -12,16 +12,16 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError, field_validator, model_validator
 
 from imgtune.errors import UserError
 from imgtune.optim import OPTIMIZERS, SCHEDULES, OptimSettings, check_choice
+from imgtune.tracking import check_monitor
+from imgtune.transforms import PRESETS
 
-Augment = Literal["none", "light", "padcrop", "standard", "strong"]
 Device = Literal["auto", "cpu", "cuda"]
 Backend = Literal["torch", "onnxruntime"]
 CacheMode = Literal["auto", "ram", "none"]
-Monitor = Literal["valid_acc", "valid_loss", "macro_f1", "balanced_acc"]
 Balance = Literal["none", "sampler", "weights"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 FeatureStoreMode = Literal["auto", "ram", "disk"]
@@ -55,28 +55,84 @@ class _Registered(_Section):
     _schedule = field_validator("schedule", check_fields=False)(_registered_schedule)
 
 
+def setting(default: Any = ..., help: str = "", *, when: str = "", unset: str = "", **checks: Any) -> Any:
+    """A config key's declaration: its default and checks, `help` (one line: the CLI's --help and the docs),
+    `when` (when to change it: the docs' option tables) and `unset` (what None means, e.g. "off"). The CLI
+    flags and docs/options.md are generated from these (options.py), so they cannot drift apart."""
+    extra: dict[str, JsonValue] = {k: v for k, v in (("when", when), ("unset", unset)) if v}
+    return Field(default, description=help, json_schema_extra=extra or None, **checks)
+
+
 class DataConfig(_Section):
-    path: Path = Field(description="dataset folder: train/ + valid/ [+ test/], or one folder of class folders")
-    img_size: int = Field(224, ge=16, le=1024, description="square input size of the network, in pixels")
-    batch_size: int = Field(32, ge=1, description="images per optimisation step")
-    auto_batch: bool = Field(
-        False, description="CUDA: the largest batch (power-of-two steps from batch_size, at most 1024) that fits"
+    path: Path = setting(help="dataset folder: train/ + valid/ [+ test/], or one folder of class folders")
+    img_size: int = setting(
+        224, "square input size of the network, in pixels", ge=16, le=1024,
+        when="smaller is much faster on a CPU; 96-128 is plenty for small images like Fashion-MNIST",
+    )  # fmt: skip
+    batch_size: int = setting(
+        32, "images per optimisation step", ge=1,
+        when="with little memory keep it small and use --accumulate; `--batch-size auto` on a CUDA GPU probes "
+        "fine-tuning steps from this size upwards (doubling, at most 1024) and keeps the largest that fits",
+    )  # fmt: skip
+    auto_batch: bool = setting(
+        False, "CUDA: the largest batch (power-of-two steps from batch_size, at most 1024) that fits",
+        when="the chosen size goes into the run's config.yaml; on a CPU the batch stays as it is",
+    )  # fmt: skip
+    augment: str = setting(
+        "standard", "training augmentation preset (transforms.PRESETS)",
+        when="`light`: flips only; `padcrop`: shift by up to 1/8 of the size (reflect-padded random crop) + flip, "
+        "the classic for 32-px from-scratch training; `standard`: random resized crop (60-100%), flip, +-10 degree "
+        "rotation, mild colour jitter with tiny hue (colour is often the label); `strong`: wider crops, more "
+        "jitter, random erasing. It runs on whole batches on the device (the GPU when there is one)",
+    )  # fmt: skip
+    valid_fraction: float = setting(0.2, "share held out when imgtune makes the split", gt=0.0, lt=1.0)
+    split_file: Path | None = setting(
+        None, "reuse a split.csv written by an earlier run", when="so that runs compare on the same images"
     )
-    augment: Augment = Field("standard", description="training augmentation preset")
-    valid_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="share held out when imgtune splits")
-    split_file: Path | None = Field(None, description="reuse a split.csv written by an earlier run")
-    class_names: Path | None = Field(None, description="JSON {folder name: display name}, e.g. cat_to_name.json")
-    cache: CacheMode = Field("auto", description="keep decoded, resized images in RAM (auto: when they fit)")
-    workers: int | None = Field(None, ge=0, description="DataLoader worker processes (None: chosen for you)")
+    class_names: Path | None = setting(
+        None, "JSON {folder name: display name}, e.g. flowers-102's cat_to_name.json",
+        when="predictions, eval tables and the report show the display names",
+    )  # fmt: skip
+    cache: CacheMode = setting(
+        "auto", "keep decoded, resized images in RAM (auto: when they take under 30% of free memory)",
+        when="then no image is decoded twice; `none` for folders far larger than RAM",
+    )  # fmt: skip
+    workers: int | None = setting(
+        None, "DataLoader worker processes", ge=0, unset="auto",
+        when="auto: 0 on CPUs from the RAM cache (in-process wins on 2 cores), more when decoding from disk or "
+        "feeding a GPU",
+    )  # fmt: skip
+
+    @field_validator("augment")
+    @classmethod
+    def _known_preset(cls, name: str) -> str:
+        return check_choice(PRESETS, name, "augmentation preset")
 
 
 class ModelConfig(_Section):
-    name: str = Field("tf_efficientnet_lite0", description="timm model name or a built-in one")
-    pretrained: bool = Field(True, description="start from ImageNet weights (offline ones when packaged)")
-    weights: Path | None = Field(None, description="start from this state-dict or imgtune checkpoint file")
-    head: list[int] = Field(default_factory=list, description="hidden sizes of an MLP head ([] = linear)")
-    head_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout after each hidden layer of the head")
-    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout before the classifier layer")
+    name: str = setting(
+        "tf_efficientnet_lite0", "a timm model name or a built-in CNN (cnn5, vgg16_bn_cifar, resnet18_cifar)",
+        when="any timm name (resnet50, vgg16.tv_in1k, convnext_tiny, ...; pretrained hub weights need internet); "
+        "the built-in CNNs train from scratch (the scratch recipe is chosen for them)",
+    )  # fmt: skip
+    pretrained: bool = setting(
+        True, "start from ImageNet weights (offline ones when packaged)",
+        when="--scratch trains from random init (small CNNs, CIFAR-like data): no frozen stage, all layers from "
+        "the first epoch",
+    )  # fmt: skip
+    weights: Path | None = setting(
+        None, "start from this state dict (.pth, .safetensors) or imgtune checkpoint",
+        when="e.g. hub weights downloaded elsewhere, or another run's best.pt",
+    )  # fmt: skip
+    head: list[int] = setting(
+        [], "hidden sizes of an MLP head, comma-separated (none: a linear head)",
+        when="`500` is the classic Linear(features, 500) -> ReLU -> Linear(500, N); for small data a linear head "
+        "usually wins",
+    )  # fmt: skip
+    head_dropout: float = setting(0.0, "dropout after each hidden layer of an MLP head", ge=0.0, lt=1.0)
+    dropout: float = setting(
+        0.0, "dropout right before the classifier layer", ge=0.0, lt=1.0, when="for small datasets"
+    )
 
     @field_validator("head")
     @classmethod
@@ -102,60 +158,156 @@ class StageOverrides(_Registered):
 
 
 class TrainConfig(_Registered):
-    epochs_frozen: int = Field(30, ge=0, description="head-only epochs (cheap: run on cached features)")
-    epochs: int = Field(8, ge=0, description="fine-tuning epochs with the backbone trainable")
-    feature_views: int = Field(
-        1, ge=1, le=64, description="stage 1: cache features of K views per image (plain + K-1 augmented)"
+    epochs_frozen: int = setting(
+        30, "head-only epochs (stage 1, on cached backbone features)", ge=0,
+        when="cheap on cached features (seconds), so keep them many",
+    )  # fmt: skip
+    epochs: int = setting(
+        8, "fine-tuning epochs with the backbone trainable (stage 2)", ge=0,
+        when="most of the run's time; 0 trains only the head (a linear probe)",
+    )  # fmt: skip
+    feature_views: int = setting(
+        1, "stage 1: cache features of K views per image (1 plain + K-1 augmented)", ge=1, le=64,
+        when="each head epoch draws one view per image: augmentation for the head at the cost of K backbone "
+        "passes in all",
+    )  # fmt: skip
+    feature_store: FeatureStoreMode = setting(
+        "auto", "stage-1 features (fp16) in RAM or memory-mapped in RUN/cache/ (auto: RAM when they fit)",
+        when="the memory-mapped file is deleted when stage 1 ends; auto = RAM under 30% of free memory",
+    )  # fmt: skip
+    lr: float = setting(
+        1e-3, "stage-1 (head) LR; stage 2: head x finetune_lr_scale, backbone x backbone_lr_scale of that", gt=0.0,
+        when="lower it if fine-tuning makes valid accuracy drop; `--lr auto` runs the LR finder before each "
+        "stage and uses its suggestion (plots in the run folder)",
+    )  # fmt: skip
+    lr_find: bool = setting(False, "run the LR range test before each stage and use its suggestion (--lr auto)")
+    finetune_lr_scale: float = setting(
+        0.5, "stage-2 head LR = lr x this (pretrained start)", gt=0.0,
+        when="chosen by a sweep with backbone_lr_scale (docs/results.md)",
+    )  # fmt: skip
+    backbone_lr_scale: float = setting(
+        1.0, "stage-2 backbone LR = stage-2 head LR x this", gt=0.0,
+        when="measured on Fashion-MNIST: 0.2 cost 2 points of test accuracy (docs/results.md)",
+    )  # fmt: skip
+    lr_decay: float | None = setting(
+        None, "layer-wise LR decay from head to stem", gt=0.0, le=1.0, unset="off",
+        when="backbone block i of n (stem = 0) trains at head LR x D^(n-i); 0.7-0.8 protects the generic early "
+        "layers",
+    )  # fmt: skip
+    unfreeze: int | None = setting(
+        None, "stage 2 trains only the top N backbone blocks", ge=1, unset="all",
+        when="timm's block grouping; for very small datasets",
+    )  # fmt: skip
+    optimizer: str = setting(
+        "adamw", "optimizer, both stages",
+        when="SGD (momentum, Nesterov; train.nesterov: false for plain momentum) for from-scratch recipes; Adam "
+        "applies weight decay as L2, AdamW decoupled. optim.register_optimizer adds one",
+    )  # fmt: skip
+    momentum: float = setting(0.9, "SGD/RMSprop momentum", ge=0.0, lt=1.0)
+    nesterov: bool = setting(True, "SGD: Nesterov momentum")
+    weight_decay: float = setting(0.01, "weight decay, never on biases and norm weights", ge=0.0)
+    schedule: str = setting(
+        "cosine", "LR schedule, both stages",
+        when="`constant`; `cosine` (per step, to 0); `onecycle` (per step: LR/25 -> LR at 25% -> ~0; its own "
+        "warm-up); `step` (x gamma every step_size epochs); `multistep` (x gamma at each milestone); "
+        "`exponential` (x gamma every epoch); `plateau` (x gamma after plateau_patience epochs without a better "
+        "monitored value). optim.register_schedule adds one",
+    )  # fmt: skip
+    warmup_fraction: float = setting(
+        0.1, "share of a stage's steps spent warming up linearly", ge=0.0, lt=1.0,
+        when="before any schedule but one-cycle; 0 switches it off",
+    )  # fmt: skip
+    step_size: int = setting(10, "step schedule: epochs between decays", ge=1)
+    milestones: list[int] = setting([], "multistep schedule: the epochs of the decays, comma-separated")
+    gamma: float = setting(0.1, "decay factor of step/multistep/exponential/plateau", gt=0.0, le=1.0)
+    plateau_patience: int = setting(2, "plateau schedule: epochs without improvement before a decay", ge=1)
+    stage1: StageOverrides = setting(
+        StageOverrides(), "the head stage's own optimizer, lr, schedule, ... (unset: the values above)",
+        when="e.g. --set train.stage1.schedule=constant",
+    )  # fmt: skip
+    stage2: StageOverrides = setting(
+        StageOverrides(), "the fine-tuning stage's own optimizer, lr, schedule, ... (unset: the values above)",
+        when="e.g. --set train.stage2.optimizer=sgd --set train.stage2.lr=1e-3",
+    )  # fmt: skip
+    label_smoothing: float = setting(
+        0.1, "label smoothing", ge=0.0, lt=1.0, when="0 when you need calibrated probabilities out of training"
     )
-    feature_store: FeatureStoreMode = Field(
-        "auto", description="stage-1 features in RAM (fp16) or memory-mapped in RUN/cache/ (auto: RAM if they fit)"
+    mixup: float = setting(
+        0.0, "probability of mixing a batch with mixup (alpha 0.2, soft targets)", ge=0.0, le=1.0,
+        when="for long from-scratch runs, rarely for short fine-tuning",
+    )  # fmt: skip
+    cutmix: float = setting(0.0, "probability of mixing a batch with cutmix (alpha 1.0)", ge=0.0, le=1.0)
+    random_erasing: float = setting(
+        0.0, "probability of erasing one random rectangle per image (cutout)", ge=0.0, le=1.0
     )
-    lr: float = Field(1e-3, gt=0.0, description="head learning rate in stage 1; stage 2 scales it down")
-    lr_find: bool = Field(False, description="run the LR range test before each stage and use its suggestion")
-    finetune_lr_scale: float = Field(0.5, gt=0.0, description="stage-2 head LR = lr * this (pretrained start)")
-    backbone_lr_scale: float = Field(1.0, gt=0.0, description="stage-2 backbone LR = stage-2 head LR * this")
-    lr_decay: float | None = Field(None, gt=0.0, le=1.0, description="layer-wise LR decay from head to stem")
-    unfreeze: int | None = Field(None, ge=1, description="stage 2 trains only the top N backbone blocks")
-    optimizer: str = Field("adamw", description="optimizer, both stages (optim.register_optimizer adds one)")
-    momentum: float = Field(0.9, ge=0.0, lt=1.0, description="SGD/RMSprop momentum")
-    nesterov: bool = True
-    weight_decay: float = Field(0.01, ge=0.0, description="not applied to biases and norm weights")
-    schedule: str = Field("cosine", description="LR schedule, both stages (optim.register_schedule adds one)")
-    warmup_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="share of a stage's steps spent warming up")
-    step_size: int = Field(10, ge=1, description="step schedule: epochs between decays")
-    milestones: list[int] = Field(default_factory=list, description="multistep schedule: epochs of the decays")
-    gamma: float = Field(0.1, gt=0.0, le=1.0, description="decay factor of step/multistep/exponential/plateau")
-    plateau_patience: int = Field(2, ge=1, description="plateau schedule: epochs without improvement")
-    stage1: StageOverrides = Field(default_factory=StageOverrides, description="head stage's own settings")
-    stage2: StageOverrides = Field(default_factory=StageOverrides, description="fine-tuning stage's own settings")
-    label_smoothing: float = Field(0.1, ge=0.0, lt=1.0)
-    mixup: float = Field(0.0, ge=0.0, le=1.0, description="probability of mixing a batch with mixup")
-    cutmix: float = Field(0.0, ge=0.0, le=1.0, description="probability of mixing a batch with cutmix")
-    random_erasing: float = Field(0.0, ge=0.0, le=1.0, description="probability of erasing a random patch")
-    grad_clip: float | None = Field(None, gt=0.0, description="clip gradients to this norm (or value)")
-    grad_clip_mode: ClipMode = "norm"
-    accumulate: int = Field(1, ge=1, description="batches per optimizer step")
-    ema: float | None = Field(None, gt=0.0, lt=1.0, description="weight EMA decay in stage 2, e.g. 0.999")
-    balance: Balance = "none"
-    monitor: Monitor = Field("valid_acc", description="metric that picks the best checkpoint")
-    patience: int | None = Field(3, ge=1, description="stop fine-tuning after N epochs without improvement")
-    bn: BnPolicy = Field("auto", description="BatchNorm statistics while fine-tuning (auto: frozen if pretrained)")
-    bn_frozen_stage: BnStage1 = Field("frozen", description="BatchNorm in the head stage: frozen or train")
-    max_nonfinite: int = Field(20, ge=0, description="stop after this many steps with a non-finite loss")
-    max_minutes: float | None = Field(None, gt=0, description="time budget: no new epoch starts after this")
-    calibrate: bool = Field(False, description="fit temperature scaling on valid; stored in best.pt, used by predict")
-    report: bool = Field(True, description="write RUN/plots/ and RUN/report.html at the end")
-    lr_scaling: LrScaling = Field(
-        "none", description="under torchrun: LRs x world size (linear) or x its square root (sqrt), or as given"
+    grad_clip: float | None = setting(
+        None, "clip gradients to this norm (or value)", gt=0.0, unset="off", when="when losses spike"
     )
-    sync_bn: bool = Field(False, description="under torchrun on GPUs: BatchNorm statistics over the global batch")
-    precision: Precision = Field(
-        "auto",
-        description="auto: bf16 on CUDA (fp16 if no bf16); on CPUs fp32 training, bf16 inference where native",
+    grad_clip_mode: ClipMode = setting("norm", "clip the gradients' norm or each value")
+    accumulate: int = setting(
+        1, "batches per optimizer step", ge=1, when="an effective batch of K x batch size when memory is short"
     )
-    compile: bool = Field(False, description="torch.compile the model for fine-tuning and evaluation")
-    deterministic: bool = Field(False, description="PyTorch deterministic algorithms")
-    tensorboard: bool = Field(False, description="also log to RUN/tensorboard/")
+    ema: float | None = setting(
+        None, "weight EMA decay in stage 2, e.g. 0.99", gt=0.0, lt=1.0, unset="off",
+        when="timm's warm-up (update t uses min(D, (1+t)/(10+t))); the averaged weights are validated, "
+        "checkpointed and used for prediction, metrics.csv's raw_valid_acc shows the raw ones at the stage's "
+        "last epoch. On the speed benchmark 0.99 reached a given valid accuracy sooner but tested 0.6 points "
+        "lower (docs/results.md)",
+    )  # fmt: skip
+    balance: Balance = setting(
+        "none", "imbalanced classes: a class-balanced sampler or inverse-frequency loss weights",
+        when="`sampler` draws every class equally often, `weights` weights the loss by 1/frequency",
+    )  # fmt: skip
+    monitor: str = setting(
+        "valid_acc", "the metric that picks best.pt, stops a stage early and drives the plateau schedule",
+        when="macro_f1 / balanced_acc for imbalanced classes; tracking.register_monitor adds one",
+    )  # fmt: skip
+    patience: int | None = setting(
+        3, "stop fine-tuning after N epochs without a better monitored value", ge=1, unset="off",
+        when="--set train.patience=null switches early stopping off",
+    )  # fmt: skip
+    bn: BnPolicy = setting(
+        "auto", "BatchNorm statistics while fine-tuning (auto: frozen after pretraining, updated from scratch)",
+        when="`train` when your images are close to ImageNet and batches are large; on data far from ImageNet "
+        "batch statistics wreck the head stage 1 trained (docs/results.md)",
+    )  # fmt: skip
+    bn_frozen_stage: BnStage1 = setting(
+        "frozen", "BatchNorm statistics in the head stage",
+        when="`train` adapts them to your data while the weights stay frozen; the stage then runs on augmented "
+        "images epoch by epoch instead of cached features (slow)",
+    )  # fmt: skip
+    max_nonfinite: int = setting(20, "stop after this many steps with a non-finite loss", ge=0)
+    max_minutes: float | None = setting(
+        None, "time budget: no epoch starts after this many minutes", gt=0, unset="none",
+        when="what compare --budget-minutes sets; at least one epoch always runs",
+    )  # fmt: skip
+    calibrate: bool = setting(
+        False, "fit temperature scaling on valid at the end; stored in best.pt, used by predict",
+        when="when you use the probabilities, not just the labels",
+    )  # fmt: skip
+    report: bool = setting(True, "write RUN/plots/ and RUN/report.html at the end")
+    lr_scaling: LrScaling = setting(
+        "none", "under torchrun: LRs x number of processes (linear), x its square root (sqrt), or as given",
+        when="`none` uses the LRs as given for the larger global batch",
+    )  # fmt: skip
+    sync_bn: bool = setting(
+        False, "under torchrun on GPUs: BatchNorm statistics over the global batch",
+        when="for small per-GPU batches from scratch",
+    )  # fmt: skip
+    precision: Precision = setting(
+        "auto", "autocast: auto = bf16 on CUDA (fp16 without bf16); on CPUs fp32 training, bf16 inference where native",
+        when="on CPUs bf16 training measured ~2x slower than fp32; bf16 inference (stage-1 features, validation, "
+        "the test evaluation) 2.2-2.5x faster where the CPU has AVX-512 BF16 / AMX. fp32 means fp32 everywhere. "
+        "A non-finite loss under autocast switches the run to fp32 with a warning",
+    )  # fmt: skip
+    compile: bool = setting(
+        False, "compile the model with torch.compile for fine-tuning and evaluation",
+        when="on a 2-core CPU it cost 20-50 s per mode and gained nothing under bf16: for long GPU runs",
+    )  # fmt: skip
+    deterministic: bool = setting(False, "PyTorch's deterministic algorithms (and no cuDNN autotuning)")
+    tensorboard: bool = setting(False, "also log every metric to RUN/tensorboard/ (pip install tensorboard)")
+
+    _monitor = field_validator("monitor")(check_monitor)
 
     def optim_settings(self, stage: int, pretrained: bool) -> OptimSettings:
         """One stage's optimizer/schedule settings: stage overrides > train values > recipe defaults."""
@@ -185,9 +337,12 @@ class Config(_Section):
     data: DataConfig
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
-    out: Path | None = Field(None, description="run folder (default: runs/<dataset name>, numbered if taken)")
-    seed: int = 0
-    device: Device = "auto"
+    out: Path | None = setting(None, "run folder; must be new or empty", unset="runs/<data name>, numbered if taken")
+    seed: int = setting(
+        0, "random seed: split, init, shuffling, augmentation, workers",
+        when="the same seed on a CPU gives the same metrics.csv",
+    )  # fmt: skip
+    device: Device = setting("auto", "auto (a CUDA GPU when there is one), cpu or cuda")
 
     @field_validator("out", mode="before")
     @classmethod

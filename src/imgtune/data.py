@@ -55,7 +55,7 @@ class Split:
         return {"train": self.train, "valid": self.valid, "test": self.test}
 
     def write_csv(self, path: Path) -> None:
-        from imgtune.checkpoint import atomic_write_text
+        from imgtune.files import atomic_write_text
 
         rows = ["path,label,split"]
         for name, samples in self.subsets().items():

@@ -11,3 +11,8 @@ from __future__ import annotations
 
 class UserError(Exception):
     """Bad data, a bad config value, an unusable file: the message names it and says what to do."""
+
+
+class TrainingError(UserError, RuntimeError):
+    """Training cannot go on safely (raised by the loop and by the checkpoint writer); the message says what
+    was kept and what to change."""

@@ -14,18 +14,17 @@ import logging
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from imgtune.checkpoint import atomic_write_bytes, load_checkpoint, resolve_checkpoint
+from imgtune.checkpoint import Checkpoint, load_checkpoint, resolve_checkpoint
 from imgtune.data import DataError, decode_prepared, list_files
 from imgtune.errors import UserError
+from imgtune.files import atomic_write_bytes
 from imgtune.images import ImageError
 from imgtune.models import Classifier, model_from_checkpoint
-from imgtune.transforms import Preprocessing
 
 log = logging.getLogger(__name__)
 PARITY_ATOL = 1e-4  # max |p_torch - p_onnxruntime| over all classes and images
@@ -55,13 +54,11 @@ class ExportResult:
     opset: int
 
 
-def _check_images(
-    ckpt: dict[str, Any], prep: Preprocessing, images: list[Path] | None, limit: int = 16
-) -> torch.Tensor:
+def _check_images(ckpt: Checkpoint, images: list[Path] | None, limit: int = 16) -> torch.Tensor:
     """Real images for the parity check: those given, else the run's own validation/training images."""
     candidates: list[Path] = list(images or [])
     if not candidates:
-        data = Path(ckpt.get("config", {}).get("data", {}).get("path", ""))
+        data = Path(ckpt.config.get("data", {}).get("path", ""))
         for sub in ("valid", "val", "validation", "test", "train", "."):
             if (data / sub).is_dir():
                 candidates = list_files(data / sub)[:200]
@@ -70,7 +67,7 @@ def _check_images(
     tensors = []
     for path in candidates[::step]:
         try:
-            tensors.append(decode_prepared(path, prep))
+            tensors.append(decode_prepared(path, ckpt.preprocessing))
         except ImageError:
             continue
         if len(tensors) >= limit:
@@ -104,10 +101,10 @@ def export_onnx(
     ckpt_path = resolve_checkpoint(Path(run))
     ckpt = load_checkpoint(ckpt_path)
     out_path = Path(out) if out is not None else ckpt_path.parent.parent / "model.onnx"
-    prep = Preprocessing.from_dict(ckpt["preprocessing"])
+    prep = ckpt.preprocessing
     model = model_from_checkpoint(ckpt).eval()
-    wrapped = _Probabilities(model, float(ckpt.get("temperature", 1.0))).eval()
-    sample = _check_images(ckpt, prep, images)
+    wrapped = _Probabilities(model, ckpt.temperature).eval()
+    sample = _check_images(ckpt, images)
     buf = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the exporter's deprecation/tracer chatter is not the user's problem
@@ -122,17 +119,16 @@ def export_onnx(
             dynamo=False,
         )
     proto = onnx.load_from_string(buf.getvalue())
-    classes = list(ckpt.get("class_names") or ckpt["classes"])
     meta = {
         "imgtune_format": "1",
-        "classes": json.dumps(classes),
-        "class_folders": json.dumps(list(ckpt["classes"])),
+        "classes": json.dumps(ckpt.display_names),
+        "class_folders": json.dumps(ckpt.classes),
         "preprocessing": json.dumps(prep.to_dict()),
         "input": f"{INPUT}: uint8 RGB, NCHW, {prep.img_size}x{prep.img_size} after resizing the shorter side and "
         "centre-cropping; normalisation is inside the graph",
         "output": f"{OUTPUT}: softmax over the classes, in the order of 'classes'",
-        "architecture": str(ckpt["arch"]["name"]),
-        "temperature": str(float(ckpt.get("temperature", 1.0))),
+        "architecture": str(ckpt.arch["name"]),
+        "temperature": str(ckpt.temperature),
     }
     for key, value in meta.items():
         entry = proto.metadata_props.add()

@@ -1,4 +1,4 @@
-"""LR range test (Smith 2015; fastai's lr_find): raise the LR exponentially batch by batch, record the
+"""LR range test (Smith 2015; fastai's lr_find): raise the LR exponentially step by step, record the
 smoothed loss, and suggest the LR at the loss minimum divided by 10 — the loss is still falling fast
 there, an order of magnitude below where training diverges. The first 10% of batches are ignored for the
 minimum: the bias-corrected average of a handful of losses is noise (on a fine-tuning curve that is flat
@@ -8,6 +8,7 @@ at first, that noise used to win and suggest 1e-8). Weights and optimizer state 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import math
 from collections.abc import Iterator
@@ -16,8 +17,10 @@ from pathlib import Path
 
 import torch
 
-from imgtune.checkpoint import atomic_write_bytes
-from imgtune.engine import Batch, Stage, Trainer
+from imgtune.engine import Trainer
+from imgtune.files import atomic_write_bytes
+from imgtune.optim import LRSchedule, OptimSettings
+from imgtune.stage import Batch, Stage
 
 log = logging.getLogger(__name__)
 RULE = (
@@ -47,45 +50,56 @@ def _cycle(stage: Stage) -> Iterator[Batch]:
             return
 
 
+class _Ramp(LRSchedule):
+    """The range test's schedule: the head's LR rises exponentially from `start` to `end` over `steps` optimizer
+    steps; every other param group keeps its ratio to the head's (discriminative LRs stay as configured)."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, steps: int, start: float, end: float) -> None:
+        self.start, self.end, self.steps = start, end, steps
+        super().__init__(optimizer, OptimSettings(schedule="constant", warmup_fraction=0.0), steps, 1)
+
+    def factor(self, step: int) -> float:
+        lr = self.start * (self.end / self.start) ** (min(step, self.steps - 1) / max(1, self.steps - 1))
+        return lr / self.base_lrs[-1]
+
+
 def range_test(stage: Stage, trainer: Trainer, steps: int = 200, start: float = 1e-7, end: float = 1.0) -> LRFindResult:
+    """Train `stage` for up to `steps` optimizer steps on the Trainer's own step (so with its precision,
+    accumulation, clipping and augmentation) under an exponentially rising LR; weights, optimizer and loss
+    scaler are put back afterwards. No weight EMA, no metrics rows, no checkpoints."""
     module, opt = stage.module, stage.optimizer
-    saved_weights = copy.deepcopy(module.state_dict())
-    saved_opt = copy.deepcopy(opt.state_dict())
-    base = stage.scheduler.base_lrs
-    ratios = [b / base[-1] for b in base]  # keep the backbone/head LR ratios of the stage
+    saved = copy.deepcopy((module.state_dict(), opt.state_dict(), trainer.stepper.state_dict()))
+    ramp = _Ramp(opt, steps, start, end)
+    probe = dataclasses.replace(stage, scheduler=ramp, ema=None)
+    accumulate = trainer.settings.accumulate
     module.train()
     lrs: list[float] = []
     losses: list[float] = []
     avg, best = 0.0, math.inf
     batches = _cycle(stage)
     for i in range(steps):
-        batch = next(batches, None)
-        if batch is None:
+        lr = opt.param_groups[-1]["lr"]
+        step_losses = []
+        for micro in range(accumulate):
+            batch = next(batches, None)
+            out = trainer.train_step(probe, batch, step_now=micro + 1 == accumulate) if batch is not None else None
+            if out is None:  # out of data, or a non-finite loss: the LR is past any use
+                break
+            step_losses.append(float(out[0]))
+        if len(step_losses) < accumulate:
             break
-        lr = start * (end / start) ** (i / max(1, steps - 1))
-        for g, r in zip(opt.param_groups, ratios, strict=True):
-            g["lr"] = lr * r
-        x, y = batch[0].to(trainer.device), batch[1].to(trainer.device)
-        if stage.augment is not None:
-            x = stage.augment(x)
-        if stage.batch_transform is not None:
-            x, y = stage.batch_transform(x, y)
-        loss = trainer.train_loss(module(x).float(), y)
-        if not torch.isfinite(loss):
-            break
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        avg = 0.98 * avg + 0.02 * float(loss.detach())
+        avg = 0.98 * avg + 0.02 * sum(step_losses) / accumulate
         smooth = avg / (1 - 0.98 ** (i + 1))
         lrs.append(lr)
         losses.append(smooth)
         best = min(best, smooth)
         if i > 10 and smooth > 4 * best:  # diverging: the rest of the curve says nothing new
             break
-    module.load_state_dict(saved_weights)
-    opt.load_state_dict(saved_opt)
-    stage.scheduler.rescale(1.0)  # re-applies the schedule's LRs to the restored groups
+    opt.zero_grad(set_to_none=True)
+    module.load_state_dict(saved[0])
+    opt.load_state_dict(saved[1])
+    trainer.stepper.load_state_dict(saved[2])
+    stage.scheduler.rescale(1.0)  # re-applies the stage's own schedule to the restored groups
     if not losses:
         raise RuntimeError("LR range test: no batch produced a finite loss")
     settled = min(len(losses) - 1, max(5, len(losses) // 10))

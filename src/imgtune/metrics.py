@@ -93,6 +93,7 @@ class EvalResult:
         return "\n".join(lines)
 
 
+# long: one constructor call that fills every field of EvalResult, in its order
 def compute_metrics(
     logits: torch.Tensor,
     labels: torch.Tensor,

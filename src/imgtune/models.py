@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from imgtune.checkpoint import CheckpointError, safe_torch_load
+from imgtune.checkpoint import Checkpoint, CheckpointError, is_checkpoint_payload, safe_torch_load
 from imgtune.errors import UserError
 from imgtune.scratch import BUILTIN, MEAN, STD
 from imgtune.transforms import Preprocessing
@@ -238,8 +238,9 @@ def _load_weights_file(model: nn.Module, path: Path) -> None:
             state = safe_torch_load(path)
         except CheckpointError as e:
             raise ModelError(str(e)) from None
-    if isinstance(state, dict) and state.get("format") == "imgtune-checkpoint":
-        state = {k[len("backbone.") :]: v for k, v in state["state_dict"].items() if k.startswith("backbone.")}
+    if is_checkpoint_payload(state):
+        weights = Checkpoint.from_payload(state, path).state_dict
+        state = {k[len("backbone.") :]: v for k, v in weights.items() if k.startswith("backbone.")}
     elif isinstance(state, dict):
         for wrapper in ("state_dict", "model", "model_state_dict"):
             if isinstance(state.get(wrapper), dict):
@@ -321,9 +322,9 @@ def create_model(
     return Classifier(net, new_head, arch)
 
 
-def model_from_checkpoint(ckpt: dict[str, Any]) -> Classifier:
+def model_from_checkpoint(ckpt: Checkpoint) -> Classifier:
     """Rebuild the exact model of a checkpoint: no download, no pretrained weights needed."""
-    arch = ckpt["arch"]
+    arch = ckpt.arch
     model = create_model(
         arch["name"],
         int(arch["num_classes"]),
@@ -335,7 +336,7 @@ def model_from_checkpoint(ckpt: dict[str, Any]) -> Classifier:
     model.arch.update({k: arch[k] for k in ("mean", "std", "interpolation") if k in arch})
     model.mean.copy_(torch.tensor(arch["mean"]).view(1, 3, 1, 1) * 255)
     model.std.copy_(torch.tensor(arch["std"]).view(1, 3, 1, 1) * 255)
-    model.load_state_dict(ckpt["state_dict"])
+    model.load_state_dict(ckpt.state_dict)
     return model
 
 

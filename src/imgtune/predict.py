@@ -18,9 +18,10 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from imgtune.checkpoint import CheckpointError, atomic_write_text, load_checkpoint, resolve_checkpoint
+from imgtune.checkpoint import CheckpointError, load_checkpoint, resolve_checkpoint
 from imgtune.data import DataError, decode_prepared, list_files
 from imgtune.errors import UserError
+from imgtune.files import atomic_write_text
 from imgtune.images import ImageError
 from imgtune.metrics import EvalResult, compute_metrics
 from imgtune.models import Classifier, model_from_checkpoint
@@ -248,16 +249,11 @@ class TorchPredictor(Predictor):
         path = resolve_checkpoint(Path(run))
         ckpt = load_checkpoint(path)
         predictor = cls(
-            model_from_checkpoint(ckpt),
-            Preprocessing.from_dict(ckpt["preprocessing"]),
-            list(ckpt["classes"]),
-            pick_device(device),
-            ckpt.get("class_names"),
+            model_from_checkpoint(ckpt), ckpt.preprocessing, ckpt.classes, pick_device(device), ckpt.display_names,
             precision,
-        )
-        predictor.temperature = float(ckpt.get("temperature", 1.0))
-        predictor.checkpoint = {k: v for k, v in ckpt.items() if k not in ("state_dict", "train_state")}
-        predictor.checkpoint["path"] = str(path)
+        )  # fmt: skip
+        predictor.temperature = ckpt.temperature
+        predictor.checkpoint = {**ckpt.describe(), "path": str(path)}
         return predictor
 
     @torch.inference_mode()

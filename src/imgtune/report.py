@@ -23,8 +23,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import torch
 
-from imgtune.checkpoint import atomic_write_bytes, atomic_write_text
+from imgtune.files import atomic_write_bytes, atomic_write_text
 from imgtune.metrics import EvalResult
+from imgtune.tracking import METRIC_COLUMNS, MONITORS
 
 log = logging.getLogger(__name__)
 
@@ -232,8 +233,18 @@ def render_html(run: Path, result: EvalResult, plots: dict[str, Path | None]) ->
         f"<p>Evaluated on the <b>{esc(result.split)}</b> split: <span data-metric='n'>{result.n}</span> images"
         + (", test-time augmentation" if result.tta else "")
         + ".</p>",
-        "<h2>Data</h2><table>",
-    ]
+        *_data_section(summary, result),
+        *_training_section(summary, plots),
+        *_metrics_section(result, plots),
+        *_calibration_and_predictions(result, plots),
+        "<h2>Configuration</h2>", f"<pre>{esc(config)}</pre>", "</body></html>",
+    ]  # fmt: skip
+    return "\n".join(p for p in parts if p)
+
+
+def _data_section(summary: dict[str, Any], result: EvalResult) -> list[str]:
+    esc = html.escape
+    parts = ["<h2>Data</h2><table>"]
     for key in ("classes", "train_images", "valid_images", "test_images", "processes", "best_epoch"):
         if key in summary:
             parts.append(f"<tr><th>{esc(key.replace('_', ' '))}</th><td>{esc(str(summary[key]))}</td></tr>")
@@ -246,10 +257,25 @@ def render_html(run: Path, result: EvalResult, plots: dict[str, Path | None]) ->
     parts.append(
         "<p>A full audit (duplicates and near-duplicates across splits): <code>imgtune data check DATA</code>.</p>"
     )
-    parts += ["<h2>Training</h2>", figure_html(plots.get("curves"), "loss and accuracy per epoch"),
-              figure_html(plots.get("lr"), "learning rate per step"),
-              figure_html(plots.get("samples"), "augmented training samples: what the model sees")]  # fmt: skip
-    parts += [
+    return parts
+
+
+def _training_section(summary: dict[str, Any], plots: dict[str, Path | None]) -> list[str]:
+    monitor = MONITORS.get(str(summary.get("monitor", "")))
+    picked = ""
+    if monitor is not None and "best_epoch" in summary:
+        better = "higher" if monitor.maximize else "lower"
+        column = html.escape(monitor.column)
+        picked = (f"<p>Best epoch <b>{summary['best_epoch']}</b>, picked by {html.escape(monitor.label)} "
+                  f"({better} is better; metrics.csv column <code>{column}</code>).</p>")  # fmt: skip
+    return ["<h2>Training</h2>", picked, figure_html(plots.get("curves"), "loss and accuracy per epoch"),
+            figure_html(plots.get("lr"), "learning rate per step"),
+            figure_html(plots.get("samples"), "augmented training samples: what the model sees")]  # fmt: skip
+
+
+def _metrics_section(result: EvalResult, plots: dict[str, Path | None]) -> list[str]:
+    esc = html.escape
+    parts = [
         f"<h2>Metrics ({esc(result.split)})</h2><table>",
         _metric("accuracy", result.accuracy, "accuracy (top-1)"),
         _metric("top5", result.top5, "top-5 accuracy"),
@@ -261,6 +287,9 @@ def render_html(run: Path, result: EvalResult, plots: dict[str, Path | None]) ->
         _metric("balanced_accuracy", result.balanced_accuracy, "balanced accuracy"),
         _metric("ece", result.ece, "expected calibration error"),
     ]
+    # monitors registered beyond the built-in ones (tracking.register_monitor): their value on this split too
+    parts += [_metric(m.name, m.read(result), m.name.replace("_", " ")) for m in MONITORS.values()
+              if m.read is not None and m.column not in METRIC_COLUMNS]  # fmt: skip
     if result.tta:
         parts.append(_metric("accuracy_without_tta", result.accuracy_without_tta, "accuracy without TTA"))
     parts.append("</table><table><tr><th>class</th><th>precision</th><th>recall</th><th>F1</th><th>support</th></tr>")
@@ -276,7 +305,12 @@ def render_html(run: Path, result: EvalResult, plots: dict[str, Path | None]) ->
         parts += [f"<tr><td>{esc(m['true'])}</td><td>{esc(m['predicted'])}</td><td>{m['count']}</td></tr>"
                   for m in result.most_confused]  # fmt: skip
         parts.append("</table>")
-    parts += [
+    return parts
+
+
+def _calibration_and_predictions(result: EvalResult, plots: dict[str, Path | None]) -> list[str]:
+    esc = html.escape
+    parts = [
         "<h2>Calibration</h2>",
         f"<p>Temperature <span data-metric='temperature'>{result.temperature:.4f}</span>"
         + (" (fitted with --calibrate)" if result.temperature != 1.0 else " (none: train with --calibrate to fit one)")
@@ -292,8 +326,7 @@ def render_html(run: Path, result: EvalResult, plots: dict[str, Path | None]) ->
         parts += [f"<tr><td>{esc(m['path'])}</td><td>{esc(m['true'])}</td><td>{esc(m['predicted'])}</td>"
                   f"<td>{m['confidence']:.3f}</td></tr>" for m in result.top_losses]  # fmt: skip
         parts.append("</table>")
-    parts += ["<h2>Configuration</h2>", f"<pre>{esc(config)}</pre>", "</body></html>"]
-    return "\n".join(p for p in parts if p)
+    return parts
 
 
 def write_report(

@@ -1,36 +1,20 @@
 """The run folder: one self-contained directory per training run, every file in it written atomically.
 
 runs/<name>/config.yaml, classes.json, split.csv, metrics.csv, summary.json, checkpoints/{best,last}.pt
+(metrics.csv and lr.csv are written by tracking.Tracker, checkpoints by checkpoint.save_checkpoint)
 """
 
 from __future__ import annotations
 
 import contextlib
-import csv
-import io
 import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from imgtune.checkpoint import atomic_write_text
 from imgtune.errors import UserError
-
-METRIC_COLUMNS = [
-    "epoch",
-    "stage",
-    "lr",
-    "train_loss",
-    "train_acc",
-    "valid_loss",
-    "valid_acc",
-    "seconds",
-    "images_per_s",
-    "valid_macro_f1",
-    "valid_balanced_acc",
-    "raw_valid_acc",  # with weight EMA: the raw (non-averaged) weights' valid accuracy; valid_* are the EMA's
-]
+from imgtune.files import atomic_write_text
 
 
 @dataclass(frozen=True)
@@ -85,24 +69,6 @@ class RunFolder:
 
     def write_json(self, path: Path, data: Any) -> None:
         atomic_write_text(path, json.dumps(data, indent=2) + "\n")
-
-    def write_metrics(self, rows: list[dict[str, Any]]) -> None:
-        """Rewrite the whole (small) file atomically each epoch: never a half-written row."""
-        buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=METRIC_COLUMNS, lineterminator="\n")
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: _fmt(row.get(k, "")) for k in METRIC_COLUMNS})
-        atomic_write_text(self.metrics, buf.getvalue())
-
-    def write_lr_log(self, steps: list[list[float]]) -> None:
-        """lr.csv: step,stage,lr — the head's learning rate at every optimizer step."""
-        lines = ["step,stage,lr"] + [f"{int(n)},{int(st)},{lr:.8g}" for n, st, lr in steps]
-        atomic_write_text(self.lr_log, "\n".join(lines) + "\n")
-
-
-def _fmt(value: Any) -> Any:
-    return f"{value:.6g}" if isinstance(value, float) else value
 
 
 class RunFolderError(UserError, FileExistsError):

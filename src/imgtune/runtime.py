@@ -1,4 +1,5 @@
-"""How this process uses the machine: the device, the memory allocator, the training and inference precision.
+"""How this process uses the machine: the device, the memory allocator, the training and inference precision,
+and how it answers SIGINT/SIGTERM.
 
 Every choice here comes from a measurement on the project's reference CPU (docs/speed.md); none is a guess.
 """
@@ -37,6 +38,33 @@ def pick_device(device: str = "auto") -> torch.device:
     if device == "cuda" and not torch.cuda.is_available():
         raise DeviceError("--device cuda was asked for, but PyTorch sees no CUDA GPU here")
     return torch.device(device)
+
+
+class StopRequest:
+    """Asks a training run to stop: the loop finishes its current step, writes last.pt and raises
+    `engine.Interrupted`. Each run is handed its own (the CLI installs signal handlers on one); library users
+    call `request()` from another thread, a callback or a handler of their own."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def request(self) -> None:
+        self.requested = True
+
+    def install(self) -> StopRequest:
+        """The first SIGINT/SIGTERM requests a stop; a second one aborts at once (KeyboardInterrupt)."""
+        import signal
+
+        def handler(signum: int, frame: Any) -> None:
+            if self.requested:
+                raise KeyboardInterrupt
+            self.requested = True
+            print(f"\n{signal.Signals(signum).name}: stopping after the current step "
+                  "(send it again to abort at once)", file=sys.stderr, flush=True)  # fmt: skip
+
+        signal.signal(signal.SIGINT, handler)
+        signal.signal(signal.SIGTERM, handler)
+        return self
 
 
 @cache

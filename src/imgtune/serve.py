@@ -144,6 +144,7 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+# long: FastAPI's idiom: the routes are closures over one predictor, batcher and token
 def create_app(
     predictor: Predictor, *, token: str | None = None, max_upload_mb: float = 20.0, top_k: int = 5, max_batch: int = 16
 ) -> ASGIApp:

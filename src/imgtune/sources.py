@@ -25,8 +25,8 @@ from typing import Any, ClassVar
 import numpy as np
 from PIL import Image
 
-from imgtune.checkpoint import atomic_write_text
 from imgtune.errors import UserError
+from imgtune.files import atomic_write_text
 
 log = logging.getLogger(__name__)
 

@@ -19,8 +19,6 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
-from imgtune.config import Augment
-
 _INTERPOLATION = {"bilinear": InterpolationMode.BILINEAR, "bicubic": InterpolationMode.BICUBIC}
 
 
@@ -106,7 +104,7 @@ class BatchAugment:
 
     uint8 or [0, 1] float B x 3 x S x S in, [0, 1] float out (the model accepts both)."""
 
-    def __init__(self, preset: Augment, random_erasing: float = 0.0) -> None:
+    def __init__(self, preset: str, random_erasing: float = 0.0) -> None:
         base = PRESETS[preset]
         if random_erasing > 0:  # cutout: one random rectangle per image set to zero, on any preset
             base = dataclasses.replace(base or _Preset(flip=False), erase=random_erasing)

@@ -1,0 +1,185 @@
+"""The recipe's stages, each built from a Workbench by one function: the head on cached backbone features
+(stage 1, the default), the head on augmented images (stage 1 with `bn_frozen_stage: train`), and fine-tuning
+(stage 2, also the whole of a from-scratch run). The builders decide what trains and at which LR; the
+engine's Trainer runs what they return. Stage 1's are context managers: its cached features are freed (a
+memory-mapped file deleted) when the stage is left, however it is left.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from imgtune.config import ConfigError
+from imgtune.data import ImageDataset, available_memory, balanced_sampler, make_loader
+from imgtune.distributed import convert_sync_batchnorm, wrap
+from imgtune.features import FeatureStore, extract_features, tensor_batches
+from imgtune.models import param_groups, set_requires_grad, unfreeze_top
+from imgtune.optim import LRSchedule, OptimSettings, make_optimizer, weight_ema
+from imgtune.runtime import inference_dtype
+from imgtune.stage import ON_FEATURES, ON_IMAGES, Stage
+from imgtune.tracking import MONITORS
+from imgtune.transforms import BatchMix
+from imgtune.workbench import Workbench
+
+log = logging.getLogger(__name__)
+
+FEATURE_BATCH = 256  # head-only steps on cached features: bigger batches, same result, less overhead
+
+
+def image_loader(wb: Workbench) -> Any:
+    """Training images in batches: shuffled; sharded under torchrun; class-balanced with --balance sampler."""
+    dcfg, d = wb.cfg.data, wb.dist
+    sampler: Any = None
+    if d.enabled:  # a shard per rank, reshuffled per epoch (set_epoch), padded to equal lengths
+        sampler = torch.utils.data.DistributedSampler(
+            wb.train_plain, num_replicas=d.world, rank=d.rank, shuffle=True, seed=wb.cfg.seed
+        )
+    elif wb.cfg.train.balance == "sampler":
+        sampler = balanced_sampler([x.label for x in wb.train_samples], wb.generator)
+    return make_loader(
+        wb.train_plain, dcfg.batch_size, shuffle=sampler is None, workers=wb.workers, generator=wb.generator,
+        sampler=sampler, pin_memory=wb.device.type == "cuda", drop_last=len(wb.train_plain) > dcfg.batch_size,
+    )  # fmt: skip
+
+
+def _schedule(wb: Workbench, opt: torch.optim.Optimizer, s: OptimSettings, steps: int, epochs: int) -> LRSchedule:
+    return LRSchedule(opt, s, steps, epochs, maximize=MONITORS[wb.cfg.train.monitor].maximize)
+
+
+def finetune_stage(wb: Workbench) -> Stage:
+    """Stage 2: the backbone (all of it, or its top blocks) trains too, by default at the head's stage-2 LR."""
+    tcfg, model = wb.cfg.train, wb.model
+    unfreeze_top(model, tcfg.unfreeze)
+    frozen = tcfg.bn == "frozen" or (tcfg.bn == "auto" and wb.pretrained_start)
+    model.bn_policy = "frozen" if frozen else "trainable"
+    if tcfg.sync_bn and wb.dist.enabled:
+        try:  # in place: timm replaces the BatchNorm children, the Classifier object stays the same
+            convert_sync_batchnorm(model, wb.device)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    if tcfg.compile:
+        # in place: the state_dict keys and the checkpoints stay those of the plain model. Compiling costs
+        # 20-60 s on a CPU and the first steps of each mode (train, eval) wait for it (docs/speed.md)
+        model.compile()
+        log.info("stage 2: model compiled with torch.compile (the first steps include the compilation)")
+    s = wb.optim_settings(2)
+    backbone_lr = s.lr * tcfg.backbone_lr_scale if wb.pretrained_start else s.lr
+    opt = make_optimizer(param_groups(model, s.lr, backbone_lr, s.weight_decay, tcfg.lr_decay), s)
+    loader = image_loader(wb)
+    batches = len(loader)
+    mixing = tcfg.mixup > 0 or tcfg.cutmix > 0
+    lr_text = f"layer-wise decay {tcfg.lr_decay}" if tcfg.lr_decay else f"backbone LR {backbone_lr:g}"
+    what = f"top {tcfg.unfreeze} blocks" if tcfg.unfreeze else "all layers"
+    return Stage(
+        number=2,
+        description=(
+            f"stage 2: {what if wb.pretrained_start else 'all layers from random init'}, "
+            f"{tcfg.epochs} epochs, {s.optimizer}, {s.schedule}, head LR {s.lr:g}, {lr_text}, "
+            f"BatchNorm statistics {'frozen' if frozen else 'updated'}, "
+            f"{len(wb.train_plain)} train images, batch {wb.cfg.data.batch_size}"
+            + (f" x {tcfg.accumulate} accumulated" if tcfg.accumulate > 1 else "")
+        ),
+        module=wrap(model, wb.dist, wb.device),
+        train_batches=lambda: loader,
+        valid_batches=lambda: wb.valid_loader,
+        batches_per_epoch=batches,
+        epochs=tcfg.epochs,
+        optimizer=opt,
+        scheduler=_schedule(wb, opt, s, math.ceil(batches / tcfg.accumulate), tcfg.epochs),
+        policy=ON_IMAGES,
+        patience=tcfg.patience,
+        generator=wb.generator,
+        augment=wb.augment if wb.augment else None,  # BatchAugment is falsy for --augment none
+        batch_transform=BatchMix(wb.num_classes, tcfg.mixup, tcfg.cutmix) if mixing else None,
+        ema=weight_ema(model, tcfg.ema) if tcfg.ema is not None else None,
+    )
+
+
+@contextlib.contextmanager
+def head_stage(wb: Workbench, run_path: Path | None = None) -> Iterator[Stage]:
+    """Stage 1: backbone frozen, head trained. With frozen BatchNorm statistics (the default) the backbone's
+    output never changes, so its features are computed once and the head trains on them; with
+    `bn_frozen_stage: train` the statistics adapt, so the stage runs on augmented images, epoch by epoch."""
+    tcfg, model = wb.cfg.train, wb.model
+    set_requires_grad(model.backbone, False)
+    s = wb.optim_settings(1)
+    opt = make_optimizer(param_groups(model, s.lr, s.lr, s.weight_decay), s)
+    description = f"stage 1: head only, {tcfg.epochs_frozen} epochs, {s.optimizer}, {s.schedule}, LR {s.lr:g}"
+    common: dict[str, Any] = {"number": 1, "optimizer": opt, "epochs": tcfg.epochs_frozen, "patience": None}
+    if tcfg.bn_frozen_stage == "train":
+        model.bn_policy = "update"  # running statistics adapt although the weights are frozen
+        loader = image_loader(wb)
+        yield Stage(
+            description=description + ", on images (BatchNorm statistics updating)",
+            module=wrap(model, wb.dist, wb.device), train_batches=lambda: loader,
+            valid_batches=lambda: wb.valid_loader, batches_per_epoch=len(loader),
+            scheduler=_schedule(wb, opt, s, len(loader), tcfg.epochs_frozen), policy=ON_IMAGES,
+            augment=wb.augment if wb.augment else None, **common,
+        )  # fmt: skip
+        return
+    model.bn_policy = "frozen"
+    store, f_valid, y_valid = _stage1_features(wb, run_path)
+    try:
+        steps = math.ceil(math.ceil(store.labels.numel() / wb.dist.world) / FEATURE_BATCH)
+        generator = torch.Generator().manual_seed(wb.cfg.seed)
+        shard = (wb.dist.rank, wb.dist.world)
+        yield Stage(
+            description=description + " on cached features", module=wrap(model.head, wb.dist, wb.device),
+            train_batches=lambda: store.batches(FEATURE_BATCH, generator, shard),
+            valid_batches=lambda: tensor_batches(f_valid, y_valid, 4096, shuffle=False), batches_per_epoch=steps,
+            scheduler=_schedule(wb, opt, s, steps, tcfg.epochs_frozen), policy=ON_FEATURES, generator=generator,
+            **common,
+        )  # fmt: skip
+    finally:
+        store.close()  # free the RAM, delete a memory-mapped file
+
+
+def _stage1_features(wb: Workbench, run_path: Path | None) -> tuple[FeatureStore, torch.Tensor, torch.Tensor]:
+    """Backbone features of the training images under `feature_views` views (the plain one, then augmented
+    ones) and of this rank's validation shard. Under torchrun each rank extracts every world-th image and the
+    training features are gathered."""
+    cfg, d = wb.cfg, wb.dist
+    t0 = time.perf_counter()
+    dtype = inference_dtype(cfg.train.precision, wb.device)
+    batch = max(64, cfg.data.batch_size)
+    cache = wb.train_plain.cache
+    own = d.shard(wb.train_plain.samples)
+    batches: Callable[[], Any]
+    if cache is not None:
+        own_cache, own_labels = cache[d.rank :: d.world], torch.tensor([x.label for x in own])
+        batches = lambda: tensor_batches(own_cache, own_labels, batch, shuffle=False)  # noqa: E731
+    else:
+        loader = make_loader(ImageDataset(own, wb.prep), batch, shuffle=False, workers=wb.workers)
+        batches = lambda: loader  # noqa: E731
+    k = cfg.train.feature_views
+    store: FeatureStore | None = None
+    path: Path | None = None
+    for view in range(k):  # view 0 as evaluated, then augmented ones
+        f, y = extract_features(wb.model, batches(), wb.device, dtype, transform=wb.augment if view > 0 else None)
+        f = d.gather_cat(f.half())
+        if store is None:  # the size is known once view 0 is in (unreadable files are left out)
+            where = cfg.train.feature_store
+            on_disk = where == "disk" or (where == "auto" and k * f.numel() * 2 > 0.3 * available_memory())
+            path = run_path / "cache" / f"features-rank{d.rank}.npy" if on_disk and run_path is not None else None
+            store = FeatureStore.create(k, f.shape, d.gather_cat(y), path)
+        store.views[view] = f  # written as it comes: a memory-mapped store never holds all views in RAM
+    assert store is not None
+    f_valid, y_valid = extract_features(wb.model, wb.valid_loader, wb.device, dtype)  # this rank's shard
+    seconds = time.perf_counter() - t0
+    extracted = k * len(store.labels) + int(d.sum(torch.tensor(len(f_valid))))
+    log.info(
+        "stage 1: backbone features for %d images (%d view%s of each training image) in %.1f s (%.0f images/s, "
+        "%s); %.0f MB of fp16 features %s",
+        extracted, k, "s" if k > 1 else "", seconds, extracted / max(seconds, 1e-9),
+        "fp32" if dtype is None else str(dtype).removeprefix("torch."), store.nbytes / 1e6,
+        f"memory-mapped from {path}" if path else "in RAM",
+    )  # fmt: skip
+    return store, f_valid, y_valid
