@@ -69,7 +69,9 @@ def small_dataset(factory: pytest.TempPathFactory, name: str, train: int, valid:
     return root
 
 
-SMALL_RUN = {"data.img_size": 32, "data.batch_size": 8, "train.patience": None, "data.augment": "light"}
+# no report (plots cost ~3 s a run; test_report.py and test_extending.py check them)
+SMALL_RUN = {"data.img_size": 32, "data.batch_size": 8, "train.patience": None, "data.augment": "light",
+             "train.report": False}  # fmt: skip
 
 
 def train_small(data: Path, out: Path, **overrides: object) -> Any:

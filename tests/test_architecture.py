@@ -68,3 +68,18 @@ def test_functions_are_short_or_say_why() -> None:
                     long.append(f"{path.name}:{node.lineno} {node.name}")
     assert long == []
     assert len((SRC / "engine.py").read_text().splitlines()) <= 300
+
+
+def test_the_package_imports_what_it_uses_when_it_uses_it() -> None:
+    """`import imgtune.files` needs no torch (child processes of the tests start in milliseconds); the API
+    names that are also submodule names (predict, compare) stay the API's functions once the submodules load."""
+    import subprocess
+    import sys
+
+    probe = "import sys, imgtune.files, imgtune.errors; print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout == "False\n"
+    import imgtune.compare
+    import imgtune.predict  # the submodules, as any internal import loads them
+
+    assert callable(imgtune.predict) and imgtune.predict.__module__ == "imgtune.api"
+    assert callable(imgtune.compare) and imgtune.compare.__name__ == "compare"

@@ -66,8 +66,8 @@ def _dataset(root: Path) -> Path:
 
 
 def _train_args(data: Path, out: Path) -> list[str]:
-    return ["-m", "imgtune", "train", str(data), "--img-size", "96", "--epochs-frozen", "2", "--epochs", "6",
-            "--batch-size", "4", "--out", str(out)]  # fmt: skip
+    return ["-m", "imgtune", "train", str(data), "--img-size", "64", "--epochs-frozen", "2", "--epochs", "6",
+            "--batch-size", "4", "--out", str(out), "--no-report"]  # fmt: skip
 
 
 def _metrics(run: Path) -> list[str]:
@@ -76,11 +76,15 @@ def _metrics(run: Path) -> list[str]:
 
 
 def _eval(run: Path, data: Path, split: str, checkpoint: str) -> dict[str, float]:
-    proc = subprocess.run(
-        [sys.executable, "-m", "imgtune", "eval", str(run / "checkpoints" / checkpoint), str(data), "--split", split,
-         "--json"], env=_env(), capture_output=True, text=True, timeout=300, check=True,
-    )  # fmt: skip
-    result: dict[str, float] = json.loads(proc.stdout)
+    """`imgtune eval --json` in this one process (no torchrun): the reference for the 2-process metrics."""
+    from typer.testing import CliRunner
+
+    from imgtune.cli import app
+
+    res = CliRunner().invoke(app, ["eval", str(run / "checkpoints" / checkpoint), str(data), "--split", split,
+                                   "--json", "--no-report"])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    result: dict[str, float] = json.loads(res.stdout)
     return result
 
 

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import pytest
 from typer.testing import CliRunner
 
-from conftest import SMALL_RUN, small_dataset
+from conftest import small_dataset
 from imgtune.cli import app
 from imgtune.optim import SCHEDULES, Clock, OptimSettings, register_schedule
 from imgtune.tracking import MONITORS, register_monitor
@@ -32,9 +32,9 @@ def test_a_schedule_and_a_monitor_from_outside_train_end_to_end(
 ) -> None:
     data = small_dataset(tmp_path_factory, "extending", train=8, valid=4)
     run = tmp_path_factory.mktemp("run") / "run"
-    small = [f"--{k.split('.')[-1].replace('_', '-')}={v}" for k, v in SMALL_RUN.items() if v is not None]
     res = CliRunner().invoke(app, [
-        "train", str(data), "--out", str(run), *small, "--epochs-frozen", "2", "--epochs", "3", "--warmup", "0",
+        "train", str(data), "--out", str(run), "--img-size", "32", "--batch-size", "8", "--augment", "light",
+        "--epochs-frozen", "2", "--epochs", "3", "--warmup", "0",
         "--set", "train.patience=null", "--schedule", "linear_decay", "--monitor", "valid_error",
     ])  # fmt: skip
     assert res.exit_code == 0, res.output

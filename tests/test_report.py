@@ -217,3 +217,19 @@ def test_time_budget_stops_training(shapes: tuple[Path, Path], tmp_path: Path) -
     root, _ = shapes
     r = _train(root, tmp_path / "b", **{"train.epochs": 50, "train.max_minutes": 0.0001, "train.report": False})
     assert r.summary["stopped_early"] and r.summary["epochs_run"] < 58
+
+
+def test_per_class_scores_by_hand() -> None:
+    """3 classes: class 2 is never predicted (precision 0 by convention), class 0 never present (recall 0)."""
+    from imgtune.metrics import compute_metrics, confusion_matrix, per_class_scores
+
+    predicted, labels = torch.tensor([1, 1, 0, 1]), torch.tensor([1, 2, 1, 1])
+    cm = confusion_matrix(predicted, labels, 3)
+    assert cm.tolist() == [[0, 0, 0], [1, 2, 0], [0, 1, 0]]
+    p, r, f1 = per_class_scores(cm)
+    assert p.tolist() == pytest.approx([0.0, 2 / 3, 0.0]) and r.tolist() == pytest.approx([0.0, 2 / 3, 0.0])
+    assert f1.tolist() == pytest.approx([0.0, 2 / 3, 0.0])
+    logits = torch.nn.functional.one_hot(predicted, 3).float() * 4
+    result = compute_metrics(logits, labels, ["a", "b", "c"])
+    assert result.accuracy == 0.5 and result.macro_f1 == pytest.approx((2 / 3 + 0) / 2)  # over present classes
+    assert result.top5 == 1.0 and result.balanced_accuracy == pytest.approx(1 / 3)

@@ -23,7 +23,7 @@ def _args(data: Path, out: Path) -> list[str]:
     return [
         sys.executable, "-m", "imgtune", "train", str(data), "--out", str(out), "--img-size", "32",
         "--batch-size", "8", "--epochs-frozen", "3", "--epochs", "4", "--deterministic", "--patience", "10",
-        "--augment", "standard", "--mixup", "0.3", "--ema", "0.9", "--seed", "7",
+        "--augment", "standard", "--mixup", "0.3", "--ema", "0.9", "--seed", "7", "--no-report",
     ]  # fmt: skip
 
 

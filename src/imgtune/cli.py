@@ -16,8 +16,7 @@ import typer
 
 from imgtune.config import RECIPES, Backend, Config, ConfigError, Device, Precision, build_config
 from imgtune.distributed import env_rank, teardown
-from imgtune.engine import Interrupted
-from imgtune.errors import UserError
+from imgtune.errors import Interrupted, UserError
 from imgtune.options import COMPARE_FLAGS, LR_FIND_FLAGS, TRAIN_FLAGS, Flag, numbers, overrides, with_flags
 from imgtune.scratch import is_builtin
 

@@ -18,7 +18,7 @@ from torch.utils.data import DistributedSampler
 
 from imgtune.checkpoint import Checkpoint, CheckpointSaver, TrainState
 from imgtune.distributed import Dist, unwrap
-from imgtune.errors import TrainingError
+from imgtune.errors import Interrupted, TrainingError
 from imgtune.metrics import EvalResult, compute_metrics
 from imgtune.progress import Progress, SilentProgress, SilentTask, Task
 from imgtune.rng import rng_state, set_rng_state
@@ -29,10 +29,6 @@ from imgtune.step import Stepper, StepSettings
 from imgtune.tracking import Tracker, validation_columns
 
 log = logging.getLogger(__name__)
-
-
-class Interrupted(TrainingError):
-    """Stopped on request (SIGINT/SIGTERM) after a complete step, with last.pt written."""
 
 
 @dataclass

@@ -16,3 +16,8 @@ class UserError(Exception):
 class TrainingError(UserError, RuntimeError):
     """Training cannot go on safely (raised by the loop and by the checkpoint writer); the message says what
     was kept and what to change."""
+
+
+class Interrupted(TrainingError):
+    """Stopped on request (SIGINT/SIGTERM) after a complete step, with last.pt written; the message says how to
+    continue. The CLI exits with status 130 on it."""

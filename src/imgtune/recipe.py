@@ -170,7 +170,8 @@ def _run_stage(
     Workbench and Trainer carrying the state the stage started from. Returns them and the restart count."""
     weights = {k: v.detach().clone() for k, v in wb.model.state_dict().items()}
     snapshot = (trainer.state_dict(), trainer.stepper.state_dict())
-    for retries in range(64):
+    retries = 0
+    while True:
         try:
             with build(wb) as stage:  # feature extraction runs here: it can run out of memory too
                 if resuming and last is not None and last.train_state is not None:
@@ -194,7 +195,7 @@ def _run_stage(
                                    trainer.deadline)  # fmt: skip
             trainer.load_state_dict(snapshot[0])
             trainer.stepper.load_state_dict(snapshot[1])
-    raise AssertionError("unreachable: the batch size halves to 1 within 64 restarts")
+            retries += 1
 
 
 @contextlib.contextmanager

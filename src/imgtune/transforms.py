@@ -12,14 +12,14 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from torchvision.transforms import v2
-from torchvision.transforms.v2 import InterpolationMode
-from torchvision.transforms.v2 import functional as F
 
-_INTERPOLATION = {"bilinear": InterpolationMode.BILINEAR, "bicubic": InterpolationMode.BICUBIC}
+if TYPE_CHECKING:  # torchvision is imported where it is used: importing it costs seconds (torch._dynamo)
+    from torchvision.transforms.v2 import InterpolationMode
+
+_INTERPOLATION = ("bilinear", "bicubic")
 
 
 @dataclass(frozen=True)
@@ -53,11 +53,15 @@ class Preprocessing:
 
     @property
     def mode(self) -> InterpolationMode:
-        return _INTERPOLATION[self.interpolation]
+        from torchvision.transforms.v2 import InterpolationMode
+
+        return InterpolationMode(self.interpolation)
 
 
 def prepare(image: torch.Tensor, prep: Preprocessing) -> torch.Tensor:
     """uint8 CHW of any size -> uint8 3 x S x S: shorter side to S (antialiased), centre crop."""
+    from torchvision.transforms.v2 import functional as F
+
     s = prep.img_size
     h, w = image.shape[-2:]
     if min(h, w) != s:
@@ -202,6 +206,8 @@ class BatchMix:
 
     def __init__(self, num_classes: int, mixup: float = 0.0, cutmix: float = 0.0) -> None:
         self.num_classes, self.p_mixup, self.p_cutmix = num_classes, mixup, cutmix
+        from torchvision.transforms import v2
+
         self.mixup = v2.MixUp(alpha=0.2, num_classes=num_classes)
         self.cutmix = v2.CutMix(alpha=1.0, num_classes=num_classes)
 
