@@ -171,18 +171,25 @@ def test_second_interrupt_aborts_at_once(data: Path, tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_repeated_sigkill_at_random_moments_then_resume_is_exact(data: Path, reference: Path, tmp_path: Path) -> None:
-    """Kill 8 times at random moments of stage 2 (checkpoint writes included: ~20 MB each, two per epoch), resuming
-    after each kill; the run must end exactly like the uninterrupted one, with no temporary files left."""
+    """Kill 4 times at random moments of stage 2 (checkpoint writes included: ~20 MB each, two per epoch), resuming
+    after each kill; the run must end exactly like the uninterrupted one, with no temporary files left. Each kill
+    waits until the process is training (a resumed one rewrites metrics.csv when it has restored last.pt): a kill
+    while Python is still importing would test nothing."""
     out = tmp_path / "run"
     rng = random.Random(3)
     leftovers_seen = 0
     first = True
-    for _ in range(8):
+    for _ in range(4):
         cmd = _args(data, out) if first else [sys.executable, "-m", "imgtune", "train", "--resume", str(out)]
+        before = (out / "metrics.csv").stat().st_mtime_ns if (out / "metrics.csv").is_file() else None
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 300
-        while not (out / "checkpoints" / "last.pt").is_file() and time.monotonic() < deadline:
-            time.sleep(0.01)  # stage 1 done: from here on checkpoints are written every epoch
+        while time.monotonic() < deadline and proc.poll() is None:
+            if first and (out / "checkpoints" / "last.pt").is_file():
+                break  # stage 1 done: from here on checkpoints are written every epoch
+            if not first and (out / "metrics.csv").stat().st_mtime_ns != before:
+                break  # restored and training
+            time.sleep(0.01)
         time.sleep(rng.uniform(0.0, 1.5))
         if proc.poll() is not None:
             break  # finished before the kill: nothing left to interrupt

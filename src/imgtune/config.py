@@ -181,6 +181,10 @@ class TrainConfig(_Registered):
         "stage and uses its suggestion (plots in the run folder)",
     )  # fmt: skip
     lr_find: bool = setting(False, "run the LR range test before each stage and use its suggestion (--lr auto)")
+    lr_find_steps: int = setting(
+        200, "optimizer steps of each stage's LR range test under --lr auto", ge=10,
+        when="fewer for a quick look (the test stops early once the loss diverges); imgtune lr-find has --steps",
+    )  # fmt: skip
     finetune_lr_scale: float = setting(
         0.5, "stage-2 head LR = lr x this (pretrained start)", gt=0.0,
         when="chosen by a sweep with backbone_lr_scale (docs/results.md)",

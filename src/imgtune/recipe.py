@@ -177,7 +177,8 @@ def _run_stage(
                 if resuming and last is not None and last.train_state is not None:
                     trainer.restore(last.train_state, stage, last.state_dict)
                 elif wb.cfg.train.lr_find:
-                    tune_lr(stage, trainer, trainer.run.path / f"lr_find_stage{stage.number}.png")
+                    curve = trainer.run.path / f"lr_find_stage{stage.number}.png"
+                    tune_lr(stage, trainer, curve, steps=wb.cfg.train.lr_find_steps)
                 trainer.run_stage(stage)
             return wb, trainer, retries
         except torch.cuda.OutOfMemoryError:
