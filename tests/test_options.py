@@ -94,8 +94,9 @@ def _sample(flag: Any, tmp_path: Path) -> tuple[list[str], Any]:
     if choices(flag.key):
         value = next(c for c in reversed(choices(flag.key)) if c != default)
         return [flag.option, value], value
-    if flag.key in ("model.head", "train.milestones"):
-        return [flag.option, "3,4"], [3, 4]
+    lists = [a for a in kinds if getattr(a, "__origin__", None) is list]
+    if lists:  # comma-separated on the command line
+        return ([flag.option, "3,4"], [3, 4]) if lists[0].__args__ == (int,) else ([flag.option, "a,b"], ["a", "b"])
     if int in kinds:
         return [flag.option, str((default or 1) + 1)], (default or 1) + 1
     if float in kinds:

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from conftest import FASHION_DIR
-from imgtune.data import load_split
+from imgtune.layouts import load_split
 from imgtune.sources import FASHION_MNIST_CLASSES, SourceError, read_idx, write_fashion_mnist
 
 

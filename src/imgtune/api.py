@@ -9,7 +9,8 @@ from pathlib import Path
 
 from imgtune.calibration import Calibration
 from imgtune.checkpoint import resolve_checkpoint
-from imgtune.data import DataError, find_split_folders, load_class_names, read_split_csv, scan_folder
+from imgtune.data import load_class_names
+from imgtune.layouts import LabelRule, labelled_pairs
 from imgtune.metrics import EvalResult
 from imgtune.predict import (
     EnsemblePredictor,
@@ -63,26 +64,17 @@ def _first_run_dir(run: Runs) -> Path:
 
 
 def eval_samples(data: Path, split: str, run_dir: Path | None = None) -> list[tuple[Path, str]]:
-    """(file, class name) pairs of one labelled split of DATA.
+    """(file, class name) pairs of one labelled split of DATA, found the way the run found its own data (its
+    config.yaml's data.labels: class folders, file names or a CSV; for the valid split of a run that made its
+    own split, its split.csv)."""
+    rule = LabelRule()
+    if run_dir is not None and (run_dir / "config.yaml").is_file():
+        import yaml
 
-    DATA/<split>/<class>/... when it exists; for the valid split of a run that made its own split, the
-    run's split.csv; a folder of class folders with no split folders is evaluated whole.
-    """
-    data = Path(data)
-    folders = find_split_folders(data)
-    if split in folders:
-        scan = scan_folder(folders[split])
-        pairs = [(p, c) for c, files in scan.classes.items() for p in files]
-        if not pairs:
-            raise DataError(f"{folders[split]}: no labelled images (class folders) to evaluate on")
-        return pairs
-    if split == "valid" and run_dir is not None and (run_dir / "split.csv").is_file():
-        s = read_split_csv(data, run_dir / "split.csv")
-        return [(x.path, s.classes[x.label]) for x in s.valid]
-    if not folders:
-        scan = scan_folder(data)
-        return [(p, c) for c, files in scan.classes.items() for p in files]
-    raise DataError(f"{data}: no {split}/ folder with class folders (found: {', '.join(folders)})")
+        from imgtune.config import Config
+
+        rule = Config.model_validate(yaml.safe_load((run_dir / "config.yaml").read_text())).data.label_rule()
+    return labelled_pairs(Path(data), split, rule, run_dir / "split.csv" if run_dir is not None else None)
 
 
 def evaluate(

@@ -14,8 +14,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from imgtune.data import DataError, Split, load_split
 from imgtune.images import ImageError, load_rgb
+from imgtune.layouts import DataError, LabelRule, Split, load_split
 
 TINY_PIXELS = 16  # shorter side below this: a warning (upsampling that far invents detail)
 MAX_LISTED = 20
@@ -89,15 +89,18 @@ def audit(
     seed: int = 0,
     near_tolerance: int | None = 3,
     fail_on_leak: bool = False,
+    rule: LabelRule = LabelRule(),
 ) -> AuditReport:
     """near_tolerance: mean grey-level difference of 16x16 thumbnails that still counts as a near-duplicate;
-    None switches the near-duplicate search off."""
+    None switches the near-duplicate search off. rule: where the classes are, as for training."""
     root = Path(root)
     try:
-        split = load_split(root, valid_fraction, seed)
+        split = load_split(root, valid_fraction, seed, rule=rule)
     except DataError as e:
         return AuditReport(str(root), "unusable", errors=[str(e)])
-    layout = "single folder of classes: imgtune makes a stratified split" if split.made_split else "train/valid"
+    labels = {"folder": "class folders", "filename": "classes in file names", "csv": f"labels from {rule.csv}"}
+    layout = "imgtune makes a stratified split" if split.made_split else "train/valid"
+    layout = f"{labels[rule.source]}; {layout}"
     if split.test:
         layout += " + labelled test" if split.test_labelled else " + unlabelled test"
     report = AuditReport(str(root), layout, classes=list(split.classes), warnings=list(split.notes))

@@ -17,7 +17,16 @@ import typer
 from imgtune.config import RECIPES, Backend, Config, ConfigError, Device, Precision, build_config
 from imgtune.distributed import env_rank, teardown
 from imgtune.errors import Interrupted, UserError
-from imgtune.options import COMPARE_FLAGS, LR_FIND_FLAGS, TRAIN_FLAGS, Flag, numbers, overrides, with_flags
+from imgtune.options import (
+    CHECK_FLAGS,
+    COMPARE_FLAGS,
+    LR_FIND_FLAGS,
+    TRAIN_FLAGS,
+    Flag,
+    numbers,
+    overrides,
+    with_flags,
+)
 from imgtune.scratch import is_builtin
 
 app = typer.Typer(
@@ -118,11 +127,10 @@ _data_cifar("cifar100", "CIFAR-100 (100 fine classes)")
 
 
 @data_app.command("check")
+@with_flags(CHECK_FLAGS)
 def data_check(
     data: Annotated[Path, typer.Argument(help="Dataset folder.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
-    valid_fraction: Annotated[float, typer.Option(help="Share held out when imgtune splits.")] = 0.2,
-    seed: Annotated[int, typer.Option()] = 0,
     near_tolerance: Annotated[
         int,
         typer.Option(help="Near-duplicates: 16x16 grey thumbnails within N grey levels on average (-1: off)."),
@@ -130,15 +138,18 @@ def data_check(
     fail_on_leak: Annotated[
         bool, typer.Option("--fail-on-leak", help="Exact or near duplicates across splits are an error.")
     ] = False,
+    **flags: Any,
 ) -> None:
     """Audit a dataset folder: classes, counts, unreadable files, exact and near duplicates across splits,
-    tiny images.
+    tiny images. The options that say where the classes are mean what they mean for train.
 
     Exit status 0 when the folder is trainable, 1 when it is not.
     """
     from imgtune.audit import audit
 
-    report = audit(data, valid_fraction, seed, near_tolerance if near_tolerance >= 0 else None, fail_on_leak)
+    cfg = _config(data, None, flags, CHECK_FLAGS, None)
+    tolerance = near_tolerance if near_tolerance >= 0 else None
+    report = audit(data, cfg.data.valid_fraction, cfg.seed, tolerance, fail_on_leak, cfg.data.label_rule())
     typer.echo(json.dumps(report.to_dict(), indent=2) if as_json else report.format())
     raise typer.Exit(0 if report.trainable else 1)
 

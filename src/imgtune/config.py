@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError, field_validator, model_validator
 
 from imgtune.errors import UserError
+from imgtune.layouts import LabelRule
 from imgtune.optim import OPTIMIZERS, SCHEDULES, OptimSettings, check_choice
 from imgtune.tracking import check_monitor
 from imgtune.transforms import PRESETS
@@ -85,10 +86,25 @@ class DataConfig(_Section):
         "rotation, mild colour jitter with tiny hue (colour is often the label); `strong`: wider crops, more "
         "jitter, random erasing. It runs on whole batches on the device (the GPU when there is one)",
     )  # fmt: skip
+    labels: str = setting(
+        "folder", "where the classes are: folder (class folders), filename, or a CSV file of paths and classes",
+        when="`filename` when the class is in the file name (food-11's training/3_127.jpg: class 3); a CSV such as "
+        "Imagewoof's noisy_imagewoof.csv, or any file of path,label[,split] rows (see label_columns)",
+    )  # fmt: skip
+    label_pattern: str | None = setting(
+        None, "labels filename: a regular expression whose first group is the class", unset="text before the first _",
+        when=r"e.g. '^(\w+)-\d+' for cat-12.jpg; file names it does not match are unlabelled (a test folder)",
+    )  # fmt: skip
+    label_columns: list[str] | None = setting(
+        None, "labels CSV: the columns of the image path, the class and (optionally) the split", unset="detected",
+        when="detected when named path/file/image, label/class/noisy_labels_0 and split/is_valid; a split column "
+        "holds train/valid/test (or True/False, as is_valid); without one imgtune splits the rows",
+    )  # fmt: skip
     valid_fraction: float = setting(0.2, "share held out when imgtune makes the split", gt=0.0, lt=1.0)
     split_file: Path | None = setting(
-        None, "reuse a split.csv written by an earlier run", when="so that runs compare on the same images"
-    )
+        None, "reuse a split.csv written by an earlier run (a labels CSV with a split column)",
+        when="so that runs compare on the same images",
+    )  # fmt: skip
     class_names: Path | None = setting(
         None, "JSON {folder name: display name}, e.g. flowers-102's cat_to_name.json",
         when="predictions, eval tables and the report show the display names",
@@ -107,6 +123,10 @@ class DataConfig(_Section):
     @classmethod
     def _known_preset(cls, name: str) -> str:
         return check_choice(PRESETS, name, "augmentation preset")
+
+    def label_rule(self) -> LabelRule:
+        """Where this data's classes are, as layouts.py reads them."""
+        return LabelRule.parse(self.labels, self.label_pattern, self.label_columns)
 
 
 class ModelConfig(_Section):

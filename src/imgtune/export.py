@@ -20,10 +20,11 @@ import torch
 from torch import nn
 
 from imgtune.checkpoint import Checkpoint, load_checkpoint, resolve_checkpoint
-from imgtune.data import DataError, decode_prepared, list_files
+from imgtune.data import decode_prepared
 from imgtune.errors import UserError
 from imgtune.files import atomic_write_bytes
 from imgtune.images import ImageError
+from imgtune.layouts import DataError, list_files
 from imgtune.models import Classifier, model_from_checkpoint
 
 log = logging.getLogger(__name__)

@@ -227,8 +227,9 @@ def numbers(kind: type, example: str) -> Callable[[str, str], list[Any]]:
     return read
 
 
-def _list_of_ints(key: str, flag: str) -> Parse:
-    return lambda text: {key: numbers(int, "500 or 1024,256")(text, flag)}
+def _list_of(key: str, kind: type, example: str) -> Parse:
+    flag = "--" + key.rsplit(".", 1)[-1].replace("_", "-")
+    return lambda text: {key: numbers(kind, example)(text, flag)}
 
 
 def _number_or_auto(key: str, auto_key: str, kind: type, flag: str) -> Parse:
@@ -250,6 +251,9 @@ _DATA = [
     Flag("data.batch_size", parse=_number_or_auto("data.batch_size", "data.auto_batch", int, "--batch-size"),
          metavar="N|auto", extra="'auto' on a CUDA GPU: the largest that fits"),
     Flag("data.augment"),
+    Flag("data.labels", metavar="folder|filename|FILE.csv"),
+    Flag("data.label_pattern", metavar="REGEX"),
+    Flag("data.label_columns", parse=_list_of("data.label_columns", str, "path,label,split"), metavar="COLUMNS"),
     Flag("data.valid_fraction"),
     Flag("data.split_file"),
     Flag("data.class_names"),
@@ -260,7 +264,7 @@ _MODEL = [
     Flag("model.name", name="--model"),
     Flag("model.pretrained", off="--scratch"),
     Flag("model.weights"),
-    Flag("model.head", parse=_list_of_ints("model.head", "--head"), metavar="SIZES"),
+    Flag("model.head", parse=_list_of("model.head", int, "500 or 1024,256"), metavar="SIZES"),
     Flag("model.dropout"),
 ]
 _TRAIN = [
@@ -272,7 +276,7 @@ _TRAIN = [
     Flag("train.schedule"),
     Flag("train.warmup_fraction", name="--warmup"),
     Flag("train.step_size"),
-    Flag("train.milestones", parse=_list_of_ints("train.milestones", "--milestones"), metavar="EPOCHS"),
+    Flag("train.milestones", parse=_list_of("train.milestones", int, "10,20"), metavar="EPOCHS"),
     Flag("train.gamma"),
     Flag("train.momentum"),
     Flag("train.weight_decay"),
@@ -306,6 +310,7 @@ TRAIN_FLAGS = [*_MODEL, *_DATA, *_TRAIN, *_RUN]
 _BATCH = Flag("data.batch_size")  # compare and lr-find: a number only (no GPU probe there)
 COMPARE_FLAGS = [Flag("data.img_size"), Flag("train.epochs_frozen"), Flag("train.epochs"), _BATCH, Flag("seed")]
 LR_FIND_FLAGS = [_MODEL[0], Flag("data.img_size"), _BATCH, Flag("train.optimizer")]
+CHECK_FLAGS = [f for f in _DATA if f.key.startswith("data.label")] + [Flag("data.valid_fraction"), Flag("seed")]
 
 
 # ------------------------------------------------------------------------------------------ the docs
@@ -351,8 +356,9 @@ def reference_markdown() -> str:
             what += f" (`{'`, `'.join(options)}`)"
         cells = [f"`{key}`", option, default_text(key), what, _extra(info, "when")]
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
-    lines += ["", "## Commands", "", "Options of `imgtune compare` and `imgtune lr-find` that set config keys:", ""]
-    for command, flags in (("compare", COMPARE_FLAGS), ("lr-find", LR_FIND_FLAGS)):
+    intro = "Options of the other commands that set config keys (with the same meaning as for train):"
+    lines += ["", "## Commands", "", intro, ""]
+    for command, flags in (("compare", COMPARE_FLAGS), ("lr-find", LR_FIND_FLAGS), ("data check", CHECK_FLAGS)):
         lines.append(f"- `imgtune {command}`: " + ", ".join(f"`{f.option}` (`{f.key}`)" for f in flags))
     return "\n".join(lines) + "\n"
 

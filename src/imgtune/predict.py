@@ -19,10 +19,11 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from imgtune.checkpoint import CheckpointError, load_checkpoint, resolve_checkpoint
-from imgtune.data import DataError, decode_prepared, list_files
+from imgtune.data import decode_prepared
 from imgtune.errors import UserError
 from imgtune.files import atomic_write_text
 from imgtune.images import ImageError
+from imgtune.layouts import DataError, list_files
 from imgtune.metrics import EvalResult, compute_metrics
 from imgtune.models import Classifier, model_from_checkpoint
 from imgtune.runtime import autocast, inference_dtype, pick_device, tune_allocator

@@ -19,19 +19,16 @@ import torch
 from imgtune.checkpoint import Checkpoint
 from imgtune.config import Config, ConfigError
 from imgtune.data import (
-    DataError,
     ImageDataset,
-    Sample,
     Skipped,
-    Split,
     decode_many,
     default_workers,
     load_class_names,
-    load_split,
     make_loader,
     should_cache,
 )
 from imgtune.distributed import Dist, current
+from imgtune.layouts import DataError, Sample, Split, load_split
 from imgtune.models import Classifier, create_model, has_pretrained_weights
 from imgtune.optim import OptimSettings
 from imgtune.rng import seed_everything
@@ -92,7 +89,7 @@ def prepare(cfg: Config, *, load_pretrained: bool = True, split_file: Path | Non
     _check_distributed(cfg, d)
     seed_everything(cfg.seed + d.rank, tcfg.deterministic)  # per rank: different augmentation draws
     device = d.device(pick_device(cfg.device))
-    split = load_split(dcfg.path, dcfg.valid_fraction, cfg.seed, split_file or dcfg.split_file)
+    split = load_split(dcfg.path, dcfg.valid_fraction, cfg.seed, split_file or dcfg.split_file, dcfg.label_rule())
     _check_trainable(split)
     for note in split.notes:
         log.warning("%s", note)
