@@ -49,6 +49,8 @@ def test_lr_follows_the_schedule(data: Path, tmp_path: Path, schedule: str) -> N
         "step": [base * 0.5 ** (e // 2) for e in epochs],
         "multistep": [base * 0.5 ** sum(e >= m for m in (1, 3)) for e in epochs],
         "exponential": [base * 0.5**e for e in epochs],
+        # triangular: 0.1 x base -> base -> 0.1 x base over cycle_epochs (4) x 3 steps, starting low
+        "cyclic": [base * (0.1 + 0.9 * (1 - abs(2 * (k % 12) / 12 - 1))) for k in range(12)],
     }
     if schedule in expected:
         assert lrs == pytest.approx(expected[schedule], rel=1e-5)
@@ -241,3 +243,31 @@ def test_weight_ema_warms_up_then_keeps_its_horizon() -> None:
         assert ema.module[0].weight[0, 0].item() == pytest.approx(expected, rel=1e-5)
     assert int(ema.module[1].num_batches_tracked) == 30
     assert ema.module[0].weight[0, 0].item() == pytest.approx(29 - 1, abs=0.01)  # at decay 0.5 a ramp lags 1 step
+
+
+def test_training_without_a_validation_split_keeps_the_last_epoch_and_still_tests(tmp_path: Path) -> None:
+    """CIFAR's protocol: every training image trains (--valid-fraction 0), the official test set is evaluated."""
+    root = tmp_path / "ds"
+    write_class_folders(root / "train", 8, seed=1)
+    write_class_folders(root / "test", 3, seed=3)
+    result = _train(root, tmp_path / "run", **{"data.valid_fraction": 0.0, "train.epochs_frozen": 2,
+                                               "train.epochs": 2})  # fmt: skip
+    rows = list(csv.DictReader((result.run_dir / "metrics.csv").open()))
+    assert [r["valid_acc"] for r in rows] == [""] * 4 and result.summary["valid_images"] == 0
+    assert result.best_epoch == 4 and result.summary["best_valid_acc"] is None  # the last epoch is kept
+    assert result.test is not None and result.test.n == 9 and result.summary["test_images"] == 9
+    # a training metric as the monitor: the best epoch is the one with the lowest training loss
+    by_loss = _train(root, tmp_path / "loss", **{"data.valid_fraction": 0.0, "train.epochs_frozen": 3,
+                                                 "train.epochs": 0, "train.monitor": "train_loss"})  # fmt: skip
+    losses = [float(r["train_loss"]) for r in csv.DictReader((by_loss.run_dir / "metrics.csv").open())]
+    assert by_loss.best_epoch == losses.index(min(losses)) + 1 and by_loss.summary["monitor"] == "train_loss"
+
+
+def test_plateau_can_follow_the_training_loss() -> None:
+    """ReduceLROnPlateau on the training loss, as the CIFAR tutorial steps it: lower is better."""
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    settings = OptimSettings(schedule="plateau", plateau_patience=2, gamma=0.1, warmup_fraction=0)
+    sched = LRSchedule(opt, settings, 1, 10, maximize=False)
+    for loss, lr in [(2.0, 1.0), (1.5, 1.0), (1.6, 1.0), (1.5, 0.1), (1.0, 0.1)]:
+        sched.epoch_end(loss)
+        assert opt.param_groups[0]["lr"] == pytest.approx(lr)

@@ -112,8 +112,10 @@ def audit(
         )
     if len(split.classes) < 2:
         report.errors.append(f"need at least 2 classes with images, found {len(split.classes)}")
-    if not split.valid:
-        report.errors.append("the validation split is empty")
+    if not split.valid and valid_fraction > 0:
+        report.errors.append("the validation split is empty (--valid-fraction 0 trains without one)")
+    elif not split.valid:
+        report.warnings.append("no validation split (--valid-fraction 0): the last epoch will be kept as best")
     train_counts = report.counts.get("train", {})
     for c in split.classes:
         if train_counts.get(c, 0) == 0:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -298,7 +299,10 @@ def lr_find(
 def _report(result: Any) -> None:
     if env_rank() != 0:  # under torchrun rank 0 speaks for all
         return
-    typer.echo(f"best valid accuracy {result.best_valid_acc:.4f} (epoch {result.best_epoch})")
+    if math.isnan(result.best_valid_acc):
+        typer.echo(f"no validation split: the last epoch ({result.best_epoch}) is kept")
+    else:
+        typer.echo(f"best valid accuracy {result.best_valid_acc:.4f} (epoch {result.best_epoch})")
     if result.test is not None:
         typer.echo(f"test accuracy {result.test.accuracy:.4f} on {result.test.n} images")
     typer.echo(f"run folder: {result.run_dir}")

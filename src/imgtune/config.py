@@ -100,7 +100,11 @@ class DataConfig(_Section):
         when="detected when named path/file/image, label/class/noisy_labels_0 and split/is_valid; a split column "
         "holds train/valid/test (or True/False, as is_valid); without one imgtune splits the rows",
     )  # fmt: skip
-    valid_fraction: float = setting(0.2, "share held out when imgtune makes the split", gt=0.0, lt=1.0)
+    valid_fraction: float = setting(
+        0.2, "share held out for validation when imgtune makes the split; 0: train without validation", ge=0.0, lt=1.0,
+        when="0 trains on every image (CIFAR's 50,000): the last epoch is kept as best unless --monitor is a "
+        "training metric (train_loss, train_acc); a labelled test/ folder is still evaluated",
+    )  # fmt: skip
     split_file: Path | None = setting(
         None, "reuse a split.csv written by an earlier run (a labels CSV with a split column)",
         when="so that runs compare on the same images",
@@ -175,6 +179,8 @@ class StageOverrides(_Registered):
     milestones: list[int] | None = None
     gamma: float | None = Field(None, gt=0.0, le=1.0)
     plateau_patience: int | None = Field(None, ge=1)
+    cycle_epochs: float | None = Field(None, gt=0.0)
+    cycle_floor: float | None = Field(None, ge=0.0, lt=1.0)
 
 
 class TrainConfig(_Registered):
@@ -235,7 +241,8 @@ class TrainConfig(_Registered):
         when="`constant`; `cosine` (per step, to 0); `onecycle` (per step: LR/25 -> LR at 25% -> ~0; its own "
         "warm-up); `step` (x gamma every step_size epochs); `multistep` (x gamma at each milestone); "
         "`exponential` (x gamma every epoch); `plateau` (x gamma after plateau_patience epochs without a better "
-        "monitored value). optim.register_schedule adds one",
+        "monitored value, e.g. --monitor train_loss); `cyclic` (triangular between cycle_floor x LR and LR every "
+        "cycle_epochs). optim.register_schedule adds one",
     )  # fmt: skip
     warmup_fraction: float = setting(
         0.1, "share of a stage's steps spent warming up linearly", ge=0.0, lt=1.0,
@@ -245,6 +252,11 @@ class TrainConfig(_Registered):
     milestones: list[int] = setting([], "multistep schedule: the epochs of the decays, comma-separated")
     gamma: float = setting(0.1, "decay factor of step/multistep/exponential/plateau", gt=0.0, le=1.0)
     plateau_patience: int = setting(2, "plateau schedule: epochs without improvement before a decay", ge=1)
+    cycle_epochs: float = setting(
+        4.0, "cyclic schedule: epochs per up-and-down cycle", gt=0.0,
+        when="Smith's CLR: 2-10 epochs' worth of steps per half cycle in his experiments",
+    )  # fmt: skip
+    cycle_floor: float = setting(0.1, "cyclic schedule: the lowest LR, as a share of the LR", ge=0.0, lt=1.0)
     stage1: StageOverrides = setting(
         StageOverrides(), "the head stage's own optimizer, lr, schedule, ... (unset: the values above)",
         when="e.g. --set train.stage1.schedule=constant",
@@ -354,6 +366,8 @@ class TrainConfig(_Registered):
             milestones=tuple(pick("milestones")),
             gamma=pick("gamma"),
             plateau_patience=pick("plateau_patience"),
+            cycle_epochs=pick("cycle_epochs"),
+            cycle_floor=pick("cycle_floor"),
         )
 
 

@@ -185,14 +185,15 @@ def find_split_folders(root: Path) -> dict[str, Path]:
 def stratified_split(
     files_by_class: dict[str, list[Path]], fraction: float, seed: int
 ) -> tuple[dict[str, list[Path]], dict[str, list[Path]]]:
-    """Per class, a seeded shuffle; round(n * fraction) files (at least 1 when n >= 2) go to valid."""
+    """Per class, a seeded shuffle; round(n * fraction) files (at least 1 when n >= 2) go to valid; none when the
+    fraction is 0 (training without validation)."""
     rng = random.Random(seed)
     keep: dict[str, list[Path]] = {}
     held: dict[str, list[Path]] = {}
     for cls, files in files_by_class.items():
         files = sorted(files, key=lambda p: natural_key(p.as_posix()))
         rng.shuffle(files)
-        n_valid = min(len(files) - 1, max(1, round(len(files) * fraction))) if len(files) >= 2 else 0
+        n_valid = min(len(files) - 1, max(1, round(len(files) * fraction))) if len(files) >= 2 and fraction > 0 else 0
         held[cls], keep[cls] = files[:n_valid], files[n_valid:]
     return keep, held
 

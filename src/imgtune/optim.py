@@ -39,6 +39,8 @@ class OptimSettings:
     milestones: tuple[int, ...] = field(default_factory=tuple)
     gamma: float = 0.1
     plateau_patience: int = 2
+    cycle_epochs: float = 4.0
+    cycle_floor: float = 0.1
 
 
 def register_optimizer(name: str) -> Callable[[OptimizerFactory], OptimizerFactory]:
@@ -95,6 +97,7 @@ class Clock:
 
     step: int  # optimizer steps taken in the stage
     epoch: int  # epochs completed (step // steps per epoch)
+    steps_per_epoch: int
     total: int  # optimizer steps in the whole stage
     warmup: int  # linear warmup steps (0 for a schedule with its own warm-up phase)
     plateau_factor: float  # the product of the decays the monitored metric has triggered so far
@@ -155,6 +158,15 @@ def _exponential(clock: Clock, s: OptimSettings) -> float:
     return s.gamma**clock.epoch
 
 
+@register_schedule("cyclic", warmup=False)
+def _cyclic(clock: Clock, s: OptimSettings) -> float:
+    """Smith's triangular cyclic LR (CLR, torch's CyclicLR mode "triangular"): from cycle_floor x LR up to the LR
+    and back down, linearly, once every cycle_epochs epochs; it starts at the low end, so it needs no warmup."""
+    period = max(1.0, s.cycle_epochs * clock.steps_per_epoch)
+    t = (clock.step % period) / period
+    return s.cycle_floor + (1.0 - s.cycle_floor) * (1.0 - abs(2.0 * t - 1.0))
+
+
 @register_schedule("plateau", follows_monitor=True)
 def _plateau(clock: Clock, s: OptimSettings) -> float:
     return clock.plateau_factor
@@ -186,7 +198,8 @@ class LRSchedule:
 
     def factor(self, step: int) -> float:
         warm = (step + 1) / (self.warmup + 1) if step < self.warmup else 1.0
-        clock = Clock(step, step // self.steps_per_epoch, self.total, self.warmup, self.plateau_factor)
+        clock = Clock(step, step // self.steps_per_epoch, self.steps_per_epoch, self.total, self.warmup,
+                      self.plateau_factor)  # fmt: skip
         return warm * self.kind.shape(clock, self.s)
 
     def step(self) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import platform
 import tempfile
 import time
@@ -270,19 +271,27 @@ def _finish(
     if tcfg.report:
         from imgtune.report import write_report
 
-        # no labelled test split: the report shows the validation split
-        shown = test or predictor.evaluate(wb.valid_pairs(), "valid", wb.eval_batch, wb.workers)
-        log.info("report: %s", write_report(run.path, shown, wb.train_plain, wb.augment))
+        # no labelled test split: the report shows the validation split; with neither, there is nothing to show
+        pairs = wb.valid_pairs()
+        shown = test or (predictor.evaluate(pairs, "valid", wb.eval_batch, wb.workers) if pairs else None)
+        if shown is None:
+            log.warning("no report: there is neither a labelled test split nor a validation split to evaluate")
+        else:
+            log.info("report: %s", write_report(run.path, shown, wb.train_plain, wb.augment))
     return test, summary
+
+
+def _finite(value: float | None) -> float | None:
+    return None if value is None or math.isnan(value) else value
 
 
 def _summary(wb: Workbench, trainer: Trainer, started: float, retries: int) -> dict[str, Any]:
     st, tracker = trainer.state, trainer.tracker
     summary: dict[str, Any] = {
         "best_epoch": tracker.best_epoch,
-        "best_valid_acc": tracker.best_acc,
+        "best_valid_acc": _finite(tracker.best_acc),  # null without a validation split
         "monitor": tracker.monitor.name,
-        "best_score": tracker.best_score,
+        "best_score": _finite(tracker.best_score),
         "epochs_run": st.epoch,
         "stopped_early": st.stopped_early,
         "skipped_steps": st.skipped_steps,

@@ -79,6 +79,9 @@ register_monitor("macro_f1", column="valid_macro_f1", label="valid macro F1", re
 register_monitor(
     "balanced_acc", column="valid_balanced_acc", label="valid balanced accuracy", read=lambda r: r.balanced_accuracy
 )
+# training metrics: what there is to monitor without a validation split (the loop fills their columns)
+register_monitor("train_loss", maximize=False, label="training loss")
+register_monitor("train_acc", label="training accuracy")
 
 
 def check_monitor(name: str) -> str:
@@ -93,11 +96,10 @@ def metric_columns() -> list[str]:
     return METRIC_COLUMNS + list(dict.fromkeys(extra))
 
 
-def validation_columns(result: EvalResult | None) -> dict[str, float]:
-    """The row's validation columns, read through the monitor table. No validation images at all: the loss is
-    undefined (NaN) and the rates are 0."""
+def validation_columns(result: EvalResult | None) -> dict[str, float | str]:
+    """The row's validation columns, read through the monitor table; empty without validation images."""
     if result is None:
-        return {m.column: (0.0 if m.maximize else math.nan) for m in MONITORS.values() if m.read is not None}
+        return {m.column: "" for m in MONITORS.values() if m.read is not None}
     return {m.column: float(m.read(result)) for m in MONITORS.values() if m.read is not None}
 
 
@@ -124,7 +126,9 @@ class Tracker:
         self.bad_epochs = 0  # epochs since the stage's best
 
     def score(self, row: dict[str, Any]) -> float:
-        return float(row[self.monitor.column])
+        """The monitored value of a row; NaN when the epoch has none (no validation split)."""
+        value = row[self.monitor.column]
+        return math.nan if value == "" else float(value)
 
     def better(self, score: float, than: float | None) -> bool:
         if than is None:
@@ -138,13 +142,17 @@ class Tracker:
         self.lr_log.append([len(self.lr_log) + 1, stage, lr])
 
     def end_epoch(self, row: dict[str, Any]) -> Verdict:
-        """Record an epoch's row, update best and patience, write the files."""
+        """Record an epoch's row, update best and patience, write the files. An epoch with no value for the
+        monitor (a validation metric, and no validation split) is the best so far: the last epoch is kept."""
         self.rows.append(row)
         score = self.score(row)
-        improved = self.better(score, self.best_score)
+        unmeasured = row[self.monitor.column] == ""
+        improved = unmeasured or self.better(score, self.best_score)
         if improved:
-            self.best_score, self.best_epoch, self.best_acc = score, int(row["epoch"]), float(row["valid_acc"])
-        stage_improved = self.better(score, self.stage_best)
+            acc = row["valid_acc"]
+            self.best_score, self.best_epoch = score, int(row["epoch"])
+            self.best_acc = math.nan if acc == "" else float(acc)
+        stage_improved = unmeasured or self.better(score, self.stage_best)
         if stage_improved:
             self.stage_best, self.bad_epochs = score, 0
         else:
@@ -157,18 +165,26 @@ class Tracker:
         return patience is not None and self.bad_epochs >= patience
 
     def log_epoch(self, row: dict[str, Any], verdict: Verdict) -> None:
+        valid = (
+            "no validation"
+            if row["valid_acc"] == ""
+            else f"valid loss {row['valid_loss']:.4f} acc {row['valid_acc']:.4f}"
+        )
         log.info(
-            "epoch %d (stage %d): train loss %.4f acc %.4f | valid loss %.4f acc %.4f | %.0f s, %.1f img/s%s",
-            row["epoch"], row["stage"], row["train_loss"], row["train_acc"], row["valid_loss"], row["valid_acc"],
-            row["seconds"], row["images_per_s"], "  * best" if verdict.improved else "",
+            "epoch %d (stage %d): train loss %.4f acc %.4f | %s | %.0f s, %.1f img/s%s",
+            row["epoch"], row["stage"], row["train_loss"], row["train_acc"], valid, row["seconds"],
+            row["images_per_s"], "  * best" if verdict.improved else "",
         )  # fmt: skip
 
     def log_stage(self, stage: int, seconds: float) -> bool:
         """One line for a stage reported as a whole; returns whether the run's best epoch is in it."""
         rows = [r for r in self.rows if r["stage"] == stage]
-        best = max(rows, key=lambda r: r["valid_acc"])
-        log.info("stage %d: %d epochs in %.1f s; best valid acc %.4f (epoch %d)", stage, len(rows), seconds,
-                 best["valid_acc"], best["epoch"])  # fmt: skip
+        if rows[-1]["valid_acc"] == "":
+            log.info("stage %d: %d epochs in %.1f s; no validation: its last epoch is kept", stage, len(rows), seconds)
+        else:
+            best = max(rows, key=lambda r: r["valid_acc"])
+            log.info("stage %d: %d epochs in %.1f s; best valid acc %.4f (epoch %d)", stage, len(rows), seconds,
+                     best["valid_acc"], best["epoch"])  # fmt: skip
         return self.best_epoch in {r["epoch"] for r in rows}
 
     def write(self) -> None:

@@ -33,6 +33,7 @@ from imgtune.models import Classifier, create_model, has_pretrained_weights
 from imgtune.optim import OptimSettings
 from imgtune.rng import seed_everything
 from imgtune.runtime import pick_device, probe_batch_size, training_dtype
+from imgtune.tracking import MONITORS
 from imgtune.transforms import BatchAugment, Preprocessing
 
 log = logging.getLogger(__name__)
@@ -90,7 +91,13 @@ def prepare(cfg: Config, *, load_pretrained: bool = True, split_file: Path | Non
     seed_everything(cfg.seed + d.rank, tcfg.deterministic)  # per rank: different augmentation draws
     device = d.device(pick_device(cfg.device))
     split = load_split(dcfg.path, dcfg.valid_fraction, cfg.seed, split_file or dcfg.split_file, dcfg.label_rule())
-    _check_trainable(split)
+    _check_trainable(split, dcfg.valid_fraction)
+    if not split.valid:
+        if tcfg.calibrate:
+            raise ConfigError("--calibrate fits a temperature on the validation split, and there is none")
+        log.warning("no validation split: every epoch counts as the best so far (best.pt = the last epoch), no "
+                    "early stopping%s", "" if MONITORS[tcfg.monitor].read is None else
+                    "; --monitor train_loss keeps the epoch with the lowest training loss instead")  # fmt: skip
     for note in split.notes:
         log.warning("%s", note)
     model = create_model(
@@ -150,11 +157,14 @@ def _decode(cfg: Config, split: Split, prep: Preprocessing, d: Dist) -> tuple[An
     return train_samples, valid_samples, skipped + more, train_cache, valid_cache
 
 
-def _check_trainable(split: Split) -> None:
+def _check_trainable(split: Split, valid_fraction: float) -> None:
     if len(split.classes) < 2:
         raise DataError(f"{split.root}: found {len(split.classes)} class(es) {split.classes}; need at least 2")
-    if not split.valid:
-        raise DataError(f"{split.root}: the validation split is empty; add valid/ images or use --valid-fraction")
+    if not split.valid and valid_fraction > 0:
+        raise DataError(
+            f"{split.root}: the validation split is empty; add images to valid/, hold some out with --valid-fraction "
+            "F (when imgtune makes the split), or train without validation with --valid-fraction 0"
+        )
 
 
 def _check_distributed(cfg: Config, d: Dist) -> None:
