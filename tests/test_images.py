@@ -143,3 +143,26 @@ def test_tiny_and_extreme_aspect_images_follow_the_one_rule(
     out = prepare(load_rgb(p), Preprocessing(img_size=32, mean=(0.5,) * 3, std=(0.5,) * 3))
     assert out.shape == (3, 32, 32)
     assert [int(v) for v in out[:, 16, 16]] == list(expected_centre)
+
+
+def test_resize_policies_crop_squash_pad() -> None:
+    """crop: the centre square; squash: torchvision's Resize((S, S)); pad: all of it, letterboxed on black."""
+    from torchvision.transforms.v2 import functional as F
+
+    from imgtune.transforms import Preprocessing, prepare
+
+    wide = torch.zeros(3, 20, 40, dtype=torch.uint8)
+    wide[:, :, :10] = 255  # a white left quarter
+    wide[:, :, 30:] = 128  # a grey right quarter
+    base = {"img_size": 20, "mean": (0.5,) * 3, "std": (0.5,) * 3}
+    crop = prepare(wide, Preprocessing(**base, resize="crop"))
+    assert crop.shape == (3, 20, 20) and int(crop.max()) == 0  # the black centre: both quarters cut away
+    squash = prepare(wide, Preprocessing(**base, resize="squash"))
+    assert torch.equal(squash, F.resize(wide, [20, 20], antialias=True, interpolation=F.InterpolationMode.BICUBIC))
+    assert int(squash[0, 10, 2]) > 200 and 100 < int(squash[0, 10, 17]) < 160  # both quarters kept, squeezed
+    pad = prepare(wide, Preprocessing(**base, resize="pad"))
+    assert pad.shape == (3, 20, 20) and int(pad[:, :5].max()) == 0 and int(pad[:, 15:].max()) == 0  # black bands
+    assert int(pad[0, 10, 1]) > 200 and 100 < int(pad[0, 10, 18]) < 160  # the whole width, at half the scale
+    assert Preprocessing.from_dict({**base, "resize": "shorter-side", "crop": "center"}).resize == "crop"  # old files
+    with pytest.raises(ValueError, match="resize 'zoom'"):
+        Preprocessing(**base, resize="zoom")

@@ -89,3 +89,31 @@ def test_weights_file_from_state_dict_and_checkpoint(tmp_path: Path) -> None:
     torch.testing.assert_close(m2.backbone.layer1[0].conv1.weight, src.backbone.layer1[0].conv1.weight)
     with pytest.raises(ModelError, match=r"another architecture|match"):
         create_model("tf_efficientnet_lite0", num_classes=3, pretrained=False, weights=tmp_path / "r18.pth")
+
+
+def test_tutorial_shapes_food11_cnn_and_vgg16_cut_after_fc6(tmp_path: Path) -> None:
+    """food-11's CNN = cnn5 with widths 64..512, the 512x4x4 map flattened, head 1024-512; the DLI fruit model =
+    VGG16 cut after fc6 (Linear 25088->4096, ReLU, Dropout 0.5), then 500 -> N."""
+    from imgtune.checkpoint import Checkpoint
+    from imgtune.models import Body, model_from_checkpoint
+
+    food = create_model("cnn5", 11, head=[1024, 512],
+                        body=Body(widths=(64, 128, 256, 512, 512), pool="flatten", img_size=128))  # fmt: skip
+    linears = [m for m in food.head.modules() if isinstance(m, torch.nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in linears] == [(512 * 4 * 4, 1024), (1024, 512), (512, 11)]
+    convs = [m.out_channels for m in food.backbone.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs == [64, 128, 256, 512, 512]
+    x = torch.randint(0, 256, (2, 3, 128, 128), dtype=torch.uint8)
+    food.eval()
+    rebuilt = model_from_checkpoint(Checkpoint(food.arch, [], food.preprocessing(128), food.state_dict())).eval()
+    assert torch.equal(food(x), rebuilt(x))  # the checkpoint's arch carries widths and pooling
+    fruit = create_model("vgg16.tv_in1k", 6, pretrained=False, head=[500], body=Body(keep_fc=1))
+    mlp = fruit.backbone.pre_logits
+    assert isinstance(mlp.fc2, torch.nn.Identity) and mlp.drop.p == 0.5 and fruit.arch["num_features"] == 4096
+    assert [m.out_features for m in fruit.head if isinstance(m, torch.nn.Linear)] == [500, 6]
+    with pytest.raises(ModelError, match="VGG"):
+        create_model("resnet18", 3, pretrained=False, body=Body(keep_fc=1))
+    with pytest.raises(ModelError, match="built-in CNNs"):
+        create_model("resnet18", 3, pretrained=False, body=Body(widths=(8, 16)))
+    narrow = create_model("vgg16_bn_cifar", 10, body=Body(widths=(32, 64, 128, 256, 256)))
+    assert narrow.arch["num_features"] == 256 and narrow(torch.zeros(1, 3, 32, 32, dtype=torch.uint8)).shape == (1, 10)

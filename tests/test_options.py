@@ -43,6 +43,7 @@ def _help_of(command: str) -> dict[str, str]:
 
 def _matches(shown: str, real: Any) -> bool:
     """The default as the help shows it, read back and compared with the config's real default."""
+    shown = re.sub(r" \(\w+ preset\)$", "", shown)  # data.aug keys say which preset their value comes from
     if isinstance(real, bool):
         return shown == ("on" if real else "off")
     if isinstance(real, int | float):
@@ -69,7 +70,7 @@ def test_help_prints_the_real_defaults(command: str, flags: list[Any], recipes: 
         assert m, (flag.option, text)
         shown, *others = m.group(1).split("; ")
         assert _matches(shown, _value(defaults, flag.key)), (flag.option, shown, _value(defaults, flag.key))
-        scratch_shown = [o.removeprefix("scratch recipe: ") for o in others]
+        scratch_shown = [re.sub(r"^scratch recipe( \(\w+\))?: ", "", o) for o in others]
         if recipes and _value(scratch, flag.key) != _value(defaults, flag.key):
             assert scratch_shown and _matches(scratch_shown[0], _value(scratch, flag.key)), (flag.option, text)
         else:

@@ -174,7 +174,7 @@ def test_regularisers_ema_mixup_accumulation_clipping(data: Path, tmp_path: Path
 
 
 def test_batch_mix_returns_soft_targets() -> None:
-    from imgtune.transforms import BatchMix
+    from imgtune.augment import BatchMix
 
     x = torch.randint(0, 255, (6, 3, 16, 16), dtype=torch.uint8)
     y = torch.tensor([0, 1, 2, 0, 1, 2])
@@ -271,3 +271,17 @@ def test_plateau_can_follow_the_training_loss() -> None:
     for loss, lr in [(2.0, 1.0), (1.5, 1.0), (1.6, 1.0), (1.5, 0.1), (1.0, 0.1)]:
         sched.epoch_end(loss)
         assert opt.param_groups[0]["lr"] == pytest.approx(lr)
+
+
+def test_head_stage_on_augmented_image_batches_and_the_feature_batch(data: Path, tmp_path: Path) -> None:
+    """The tutorials' frozen stage: the head trains on augmented batches of data.batch_size through the frozen
+    backbone (8 steps of 3 here: 24 images / batch 8), or on cached features in batches of feature_batch."""
+    images = _train(data, tmp_path / "img", **{"train.head_input": "images", "train.epochs_frozen": 2,
+                                               "train.epochs": 0, "data.augment": "standard"})  # fmt: skip
+    assert _lrs(images.run_dir, 1) and len(_lrs(images.run_dir, 1)) == 2 * 3
+    feats = _train(data, tmp_path / "feat", **{"train.feature_batch": 5, "train.epochs_frozen": 2, "train.epochs": 0})
+    assert len(_lrs(feats.run_dir, 1)) == 2 * 5  # ceil(24 / 5) steps per epoch
+    trained = torch.load(images.run_dir / "checkpoints" / "last.pt", weights_only=True)["state_dict"]
+    pretrained = imgtune.create_model("tf_efficientnet_lite0", 3).state_dict()
+    backbone = [k for k in pretrained if k.startswith("backbone.")]
+    assert backbone and all(torch.equal(trained[k], pretrained[k]) for k in backbone)  # frozen, BN statistics too

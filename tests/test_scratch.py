@@ -16,6 +16,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from conftest import write_class_folders
+from imgtune.augment import BatchAugment
 from imgtune.checkpoint import Checkpoint
 from imgtune.cli import app
 from imgtune.config import RECIPES, build_config
@@ -23,7 +24,6 @@ from imgtune.distributed import convert_sync_batchnorm
 from imgtune.models import create_model, has_pretrained_weights, model_from_checkpoint
 from imgtune.scratch import BUILTIN
 from imgtune.sources import SourceError, write_cifar
-from imgtune.transforms import BatchAugment
 
 runner = CliRunner()
 

@@ -12,9 +12,9 @@ import torch
 
 import imgtune
 from conftest import small_dataset, train_small
+from imgtune.augment import BatchAugment
 from imgtune.features import FeatureStore
 from imgtune.runtime import cpu_has_native_bf16, inference_dtype, largest_batch, probe_batch_size, tune_allocator
-from imgtune.transforms import BatchAugment
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,6 @@ from imgtune.errors import UserError
 from imgtune.layouts import LabelRule
 from imgtune.optim import OPTIMIZERS, SCHEDULES, OptimSettings, check_choice
 from imgtune.tracking import check_monitor
-from imgtune.transforms import PRESETS
 
 Device = Literal["auto", "cpu", "cuda"]
 Backend = Literal["torch", "onnxruntime"]
@@ -28,6 +27,9 @@ Precision = Literal["auto", "fp32", "bf16", "fp16"]
 FeatureStoreMode = Literal["auto", "ram", "disk"]
 ClipMode = Literal["norm", "value"]
 BnPolicy = Literal["auto", "frozen", "train"]
+Resize = Literal["crop", "squash", "pad"]
+Pool = Literal["avg", "flatten"]
+HeadInput = Literal["features", "images"]
 BnStage1 = Literal["frozen", "train"]
 LrScaling = Literal["none", "linear", "sqrt"]
 
@@ -64,11 +66,71 @@ def setting(default: Any = ..., help: str = "", *, when: str = "", unset: str = 
     return Field(default, description=help, json_schema_extra=extra or None, **checks)
 
 
+class AugConfig(_Section):
+    """Training augmentation, each parameter with the meaning of the torchvision transform of that name, applied
+    to whole batches on the device (transforms.BatchAugment). A preset (data.augment) fills the keys the
+    config does not set; config.yaml records them all."""
+
+    rotate: float = setting(0.0, "RandomRotation(degrees): an angle uniform in +-rotate degrees", ge=0.0, le=180.0)
+    scale: tuple[float, float] | None = setting(
+        None, "RandomResizedCrop(scale): the crop's share of the image's area, a range", unset="no crop",
+        when="e.g. [0.7, 1.0]; none keeps the whole image (then pad can shift it)",
+    )  # fmt: skip
+    ratio: tuple[float, float] = setting(
+        (3 / 4, 4 / 3), "RandomResizedCrop(ratio): the crop's aspect ratio range (log-uniform)",
+        when="[1, 1] for square crops only (the DLI fruit tutorial)",
+    )  # fmt: skip
+    hflip: float = setting(0.5, "RandomHorizontalFlip(p): probability of a mirror image", ge=0.0, le=1.0)
+    vflip: float = setting(0.0, "RandomVerticalFlip(p): probability of an upside-down image", ge=0.0, le=1.0)
+    brightness: float = setting(0.0, "ColorJitter(brightness): a factor uniform in [1-b, 1+b]", ge=0.0)
+    contrast: float = setting(0.0, "ColorJitter(contrast): a factor uniform in [1-c, 1+c]", ge=0.0)
+    saturation: float = setting(0.0, "ColorJitter(saturation): a factor uniform in [1-s, 1+s]", ge=0.0)
+    hue: float = setting(
+        0.0, "ColorJitter(hue): a hue shift uniform in +-hue of the colour circle", ge=0.0, le=0.5,
+        when="keep it small when colour is the label: 0.05 = +-18 degrees (fruit, flowers)",
+    )  # fmt: skip
+    grayscale: float = setting(0.0, "RandomGrayscale(p): probability of a grey image", ge=0.0, le=1.0)
+    pad: int = setting(
+        0, "RandomCrop(padding=pad, reflect): a shift of up to pad pixels each way, borders reflected", ge=0,
+        when="4 is the classic for 32-px CIFAR training",
+    )  # fmt: skip
+    erase: float = setting(
+        0.0, "RandomErasing(p): probability of erasing one rectangle (2-33% of the area)", ge=0.0, le=1.0
+    )
+
+    @field_validator("scale", "ratio")
+    @classmethod
+    def _range(cls, value: tuple[float, float] | None, info: Any) -> tuple[float, float] | None:
+        if value is None:
+            return value
+        if not 0 < value[0] <= value[1] or (info.field_name == "scale" and value[1] > 1):
+            raise ValueError(f"{info.field_name} must be a range [low, high] with 0 < low <= high (<= 1 for scale)")
+        return value
+
+
+# Augmentation presets: bundles of data.aug values (keys left out keep AugConfig's off values). Hue is kept
+# small everywhere: colour is often the label (fruit, flowers).
+PRESETS: dict[str, dict[str, Any]] = {
+    "none": {"hflip": 0.0},
+    "light": {},
+    "padcrop": {"pad": 4},  # the from-scratch classic for 32-px images: RandomCrop(32, padding=4) + flip
+    "standard": {"scale": (0.6, 1.0), "rotate": 10.0, "brightness": 0.2, "contrast": 0.2, "saturation": 0.2,
+                 "hue": 0.02},
+    "strong": {"scale": (0.3, 1.0), "rotate": 15.0, "brightness": 0.4, "contrast": 0.4, "saturation": 0.4, "hue": 0.05,
+               "erase": 0.25},
+}  # fmt: skip
+
+
 class DataConfig(_Section):
     path: Path = setting(help="dataset folder: train/ + valid/ [+ test/], or one folder of class folders")
     img_size: int = setting(
         224, "square input size of the network, in pixels", ge=16, le=1024,
         when="smaller is much faster on a CPU; 96-128 is plenty for small images like Fashion-MNIST",
+    )  # fmt: skip
+    resize: Resize = setting(
+        "crop", "how an image becomes img_size x img_size: crop (centre square), squash or pad (letterbox)",
+        when="squash = the tutorials' Resize((S, S)), for images whose edges matter; pad keeps every pixel and the "
+        "aspect (black borders). Train, eval, predict, serve and the ONNX export all use the run's policy",
     )  # fmt: skip
     batch_size: int = setting(
         32, "images per optimisation step", ge=1,
@@ -80,12 +142,14 @@ class DataConfig(_Section):
         when="the chosen size goes into the run's config.yaml; on a CPU the batch stays as it is",
     )  # fmt: skip
     augment: str = setting(
-        "standard", "training augmentation preset (transforms.PRESETS)",
-        when="`light`: flips only; `padcrop`: shift by up to 1/8 of the size (reflect-padded random crop) + flip, "
-        "the classic for 32-px from-scratch training; `standard`: random resized crop (60-100%), flip, +-10 degree "
+        "standard", "training augmentation preset: a bundle of data.aug values (config.PRESETS)",
+        when="`light`: flips only; `padcrop`: shift by up to 4 pixels (reflect-padded random crop) + flip, the "
+        "classic for 32-px from-scratch training; `standard`: random resized crop (60-100%), flip, +-10 degree "
         "rotation, mild colour jitter with tiny hue (colour is often the label); `strong`: wider crops, more "
-        "jitter, random erasing. It runs on whole batches on the device (the GPU when there is one)",
+        "jitter, random erasing. It runs on whole batches on the device (the GPU when there is one). Any "
+        "data.aug key overrides its preset's value: --set data.aug.hue=0.05",
     )  # fmt: skip
+    aug: AugConfig = setting(AugConfig(), "the augmentation's parameters (the preset's, and any set here)")
     labels: str = setting(
         "folder", "where the classes are: folder (class folders), filename, or a CSV file of paths and classes",
         when="`filename` when the class is in the file name (food-11's training/3_127.jpg: class 3); a CSV such as "
@@ -128,6 +192,18 @@ class DataConfig(_Section):
     def _known_preset(cls, name: str) -> str:
         return check_choice(PRESETS, name, "augmentation preset")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _preset_under_aug(cls, data: Any) -> Any:
+        """data.aug = the preset's values, then the keys the config sets itself."""
+        if not isinstance(data, dict):
+            return data
+        preset = PRESETS.get(str(data.get("augment", "standard")), {})
+        given = data.get("aug") or {}
+        if isinstance(given, AugConfig):
+            return data
+        return {**data, "aug": {**preset, **given}}
+
     def label_rule(self) -> LabelRule:
         """Where this data's classes are, as layouts.py reads them."""
         return LabelRule.parse(self.labels, self.label_pattern, self.label_columns)
@@ -154,6 +230,22 @@ class ModelConfig(_Section):
         "usually wins",
     )  # fmt: skip
     head_dropout: float = setting(0.0, "dropout after each hidden layer of an MLP head", ge=0.0, lt=1.0)
+    widths: list[int] | None = setting(
+        None, "built-in CNNs: the channels of each block (cnn5: 5, vgg16_bn_cifar: 5 stages)", unset="the model's own",
+        when="food-11's CNN is cnn5 with 64,128,256,512,512; narrower for small data: vgg16_bn_cifar 32,64,128,256,256",
+    )  # fmt: skip
+    pool: Pool = setting(
+        "avg", "built-in CNNs: global average pooling, or flatten the last feature map (ties the model to img_size)",
+        when="flatten = the classic exercise CNNs' view(N, -1) before the MLP (512 x 4 x 4 at 128 px)",
+    )  # fmt: skip
+    keep_fc: int | None = setting(
+        None, "VGG: keep this many of its pretrained fully-connected layers (1: fc6, 2: fc6 + fc7) before the head",
+        unset="as timm builds it (fc6 and fc7)", ge=0, le=2,
+        when="1 with head 500 is the DLI fruit tutorial's vgg.classifier[0:3] + Linear(4096, 500) + ReLU + Linear",
+    )  # fmt: skip
+    fc_dropout: float = setting(
+        0.5, "VGG with keep_fc: dropout after each kept fully-connected layer (torchvision's 0.5)", ge=0.0, lt=1.0
+    )
     dropout: float = setting(
         0.0, "dropout right before the classifier layer", ge=0.0, lt=1.0, when="for small datasets"
     )
@@ -191,6 +283,15 @@ class TrainConfig(_Registered):
     epochs: int = setting(
         8, "fine-tuning epochs with the backbone trainable (stage 2)", ge=0,
         when="most of the run's time; 0 trains only the head (a linear probe)",
+    )  # fmt: skip
+    head_input: HeadInput = setting(
+        "features", "stage 1 trains the head on cached backbone features, or on augmented image batches",
+        when="images = the tutorials' frozen-backbone epochs: every batch of data.batch_size augmented images goes "
+        "through the frozen backbone (slow: the backbone runs every epoch); features: once, then seconds",
+    )  # fmt: skip
+    feature_batch: int = setting(
+        256, "stage 1 on cached features: features per optimizer step", ge=1,
+        when="the head's steps per epoch are N / feature_batch: 32 makes an epoch the tutorials' number of steps",
     )  # fmt: skip
     feature_views: int = setting(
         1, "stage 1: cache features of K views per image (1 plain + K-1 augmented)", ge=1, le=64,
@@ -273,9 +374,6 @@ class TrainConfig(_Registered):
         when="for long from-scratch runs, rarely for short fine-tuning",
     )  # fmt: skip
     cutmix: float = setting(0.0, "probability of mixing a batch with cutmix (alpha 1.0)", ge=0.0, le=1.0)
-    random_erasing: float = setting(
-        0.0, "probability of erasing one random rectangle per image (cutout)", ge=0.0, le=1.0
-    )
     grad_clip: float | None = setting(
         None, "clip gradients to this norm (or value)", gt=0.0, unset="off", when="when losses spike"
     )
@@ -310,7 +408,7 @@ class TrainConfig(_Registered):
     bn_frozen_stage: BnStage1 = setting(
         "frozen", "BatchNorm statistics in the head stage",
         when="`train` adapts them to your data while the weights stay frozen; the stage then runs on augmented "
-        "images epoch by epoch instead of cached features (slow)",
+        "images epoch by epoch instead of cached features (slow; as head_input: images)",
     )  # fmt: skip
     max_nonfinite: int = setting(20, "stop after this many steps with a non-finite loss", ge=0)
     max_minutes: float | None = setting(
@@ -386,6 +484,19 @@ class Config(_Section):
     @classmethod
     def _empty_out_is_none(cls, value: Any) -> Any:
         return None if value == "" else value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _erasing_moved(cls, data: Any) -> Any:
+        """train.random_erasing (config.yaml of runs before data.aug) is data.aug.erase now."""
+        train = data.get("train") if isinstance(data, dict) else None
+        if not isinstance(train, dict) or "random_erasing" not in train:
+            return data
+        train = dict(train)
+        erase = train.pop("random_erasing")
+        section = dict(data.get("data") or {})
+        section["aug"] = {"erase": erase, **(section.get("aug") or {})}
+        return {**data, "train": train, "data": section}
 
     @model_validator(mode="after")
     def _something_to_train(self) -> Config:
@@ -492,6 +603,9 @@ def build_config(
                 tree[k].update(v)
             else:
                 tree[k] = v
+    given = {**{k: v for k, v in (overrides or {}).items() if v is not None}, **(explicit or {})}
+    if "data.augment" in given and isinstance(tree.get("data"), dict):
+        tree["data"].pop("aug", None)  # the file's data.aug came with the file's preset; --set data.aug.* still applies
     for key, value in (overrides or {}).items():
         if value is not None:
             _set_dotted(tree, key, value)

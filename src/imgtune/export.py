@@ -1,6 +1,7 @@
 """ONNX export with the preprocessing inside the graph, and a parity check against onnxruntime.
 
-The exported model takes what any image library produces after resize + centre crop: RGB, NCHW, uint8,
+The exported model takes what any image library produces after the run's resize rule (centre crop by default,
+or squash, or letterbox: the metadata says which): RGB, NCHW, uint8,
 at the training size (`image`: [batch, 3, S, S]); it normalises inside the graph and outputs softmax
 probabilities (`probabilities`: [batch, classes]). Class names and preprocessing travel in the model's
 metadata, so a consumer needs nothing but the .onnx file.
@@ -125,8 +126,8 @@ def export_onnx(
         "classes": json.dumps(ckpt.display_names),
         "class_folders": json.dumps(ckpt.classes),
         "preprocessing": json.dumps(prep.to_dict()),
-        "input": f"{INPUT}: uint8 RGB, NCHW, {prep.img_size}x{prep.img_size} after resizing the shorter side and "
-        "centre-cropping; normalisation is inside the graph",
+        "input": f"{INPUT}: uint8 RGB, NCHW, {prep.img_size}x{prep.img_size}: {prep.description}; normalisation is "
+        "inside the graph",
         "output": f"{OUTPUT}: softmax over the classes, in the order of 'classes'",
         "architecture": str(ckpt.arch["name"]),
         "temperature": str(ckpt.temperature),

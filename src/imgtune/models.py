@@ -12,6 +12,7 @@ import difflib
 import importlib
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -84,12 +85,13 @@ class Classifier(nn.Module):
         self.to(memory_format=torch.channels_last if enabled else torch.contiguous_format)
         return self
 
-    def preprocessing(self, img_size: int) -> Preprocessing:
+    def preprocessing(self, img_size: int, resize: str = "crop") -> Preprocessing:
         return Preprocessing(
             img_size=img_size,
             mean=tuple(self.arch["mean"]),
             std=tuple(self.arch["std"]),
             interpolation=self.arch["interpolation"],
+            resize=resize,
         )
 
     @property
@@ -265,6 +267,49 @@ def _load_weights_file(model: nn.Module, path: Path) -> None:
     log.info("loaded %d tensors from %s", len(usable), path)
 
 
+@dataclass(frozen=True)
+class Body:
+    """How the backbone is shaped and cut beyond its name: a built-in CNN's widths and pooling, and how many of
+    a VGG's pretrained fully-connected layers stay in front of the new head (the DLI tutorial keeps fc6)."""
+
+    widths: tuple[int, ...] | None = None  # built-ins: channels per block (None: the architecture's own)
+    pool: str = "avg"  # built-ins: avg (global) or flatten (the last map; ties the model to img_size)
+    img_size: int | None = None  # the input size, for flatten
+    keep_fc: int | None = None  # VGG: 0, 1 (fc6) or 2 (fc6 + fc7) of the pretrained classifier; None: as built
+    fc_dropout: float = 0.5  # VGG: the dropout after each kept layer (torchvision's 0.5; timm's VGG has 0)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"widths": list(self.widths) if self.widths else None, "pool": self.pool, "img_size": self.img_size,
+                "keep_fc": self.keep_fc, "fc_dropout": self.fc_dropout}  # fmt: skip
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None) -> Body:
+        d = d or {}
+        widths = d.get("widths")
+        return cls(tuple(int(w) for w in widths) if widths else None, str(d.get("pool", "avg")),
+                   d.get("img_size"), d.get("keep_fc"), float(d.get("fc_dropout", 0.5)))  # fmt: skip
+
+
+def _keep_fc(net: nn.Module, body: Body, name: str) -> None:
+    """Keep the first body.keep_fc of a VGG's pretrained fully-connected layers (timm's pre_logits ConvMlp:
+    fc6 = fc1 + ReLU + dropout, fc7 = fc2 + ReLU), with torchvision's dropout after each."""
+    from timm.models.vgg import ConvMlp
+
+    mlp = getattr(net, "pre_logits", None)
+    if not isinstance(mlp, ConvMlp):
+        raise ModelError(f"model.keep_fc is for VGG models, whose classifier ends in fc6/fc7; {name} has none")
+    if body.keep_fc not in (0, 1, 2):
+        raise ModelError(f"model.keep_fc {body.keep_fc}: keep 0, 1 (fc6) or 2 (fc6 and fc7) fully-connected layers")
+    mlp.drop.p = body.fc_dropout
+    if body.keep_fc == 0:
+        net.pre_logits = nn.Identity()
+        net.head_hidden_size = net.num_features
+    elif body.keep_fc == 1:
+        mlp.fc2, mlp.act2 = nn.Identity(), nn.Identity()
+    else:
+        mlp.act2 = nn.Sequential(mlp.act2, nn.Dropout(body.fc_dropout))
+
+
 def create_model(
     name: str = "tf_efficientnet_lite0",
     num_classes: int = 1000,
@@ -274,6 +319,7 @@ def create_model(
     dropout: float = 0.0,
     head: Sequence[int] = (),
     head_dropout: float = 0.0,
+    body: Body = Body(),
 ) -> Classifier:
     """A Classifier for `num_classes`. With num_classes=1000 and ImageNet weights the ImageNet head is kept."""
     if num_classes < 1:
@@ -283,7 +329,12 @@ def create_model(
     if builtin is not None:
         if pretrained and weights is None:
             log.info("%s is a built-in architecture without pretrained weights: random init", name)
-        net: nn.Module = builtin.make()
+        try:
+            net: nn.Module = builtin.make(body.widths)
+        except ValueError as e:
+            raise ModelError(str(e)) from None
+        if body.pool == "flatten":
+            net = net.flatten_at(body.img_size or builtin.input_size)  # type: ignore[operator]
         cfg: dict[str, Any] = {"mean": MEAN, "std": STD, "input_size": (3, builtin.input_size, builtin.input_size)}
         if not head:  # the architecture's own head unless the user chose one
             head, head_dropout = builtin.head, builtin.head_dropout
@@ -292,12 +343,16 @@ def create_model(
         num_features = int(net.num_features)  # type: ignore[arg-type]
     else:
         _check_name(name)
+        if body.widths is not None or body.pool != "avg":
+            raise ModelError(f"model.widths and model.pool shape the built-in CNNs; {name} is a timm model")
         net = _timm_model(name, pretrained and weights is None)
         if weights is not None:
             _load_weights_file(net, Path(weights))
         old_head = net.get_classifier()  # type: ignore[operator]
         cfg = getattr(net, "pretrained_cfg", {}) or {}
         net.reset_classifier(0)  # type: ignore[operator]
+        if body.keep_fc is not None:
+            _keep_fc(net, body, name)
         num_features = int(getattr(net, "head_hidden_size", None) or net.num_features)  # type: ignore[arg-type]
     new_head = make_head(num_features, num_classes, dropout, head, head_dropout)
     if (
@@ -318,6 +373,7 @@ def create_model(
         "std": [float(v) for v in cfg.get("std", (0.229, 0.224, 0.225))],
         "interpolation": "bicubic" if cfg.get("interpolation") == "bicubic" else "bilinear",
         "input_size": int(cfg.get("input_size", (3, 224, 224))[-1]),
+        "body": body.to_dict(),
     }
     return Classifier(net, new_head, arch)
 
@@ -332,6 +388,7 @@ def model_from_checkpoint(ckpt: Checkpoint) -> Classifier:
         dropout=float(arch["dropout"]),
         head=[int(h) for h in arch.get("head", [])],
         head_dropout=float(arch.get("head_dropout", 0.0)),
+        body=Body.from_dict(arch.get("body")),
     )
     model.arch.update({k: arch[k] for k in ("mean", "std", "interpolation") if k in arch})
     model.mean.copy_(torch.tensor(arch["mean"]).view(1, 3, 1, 1) * 255)

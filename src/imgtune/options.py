@@ -22,10 +22,9 @@ import typer
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
-from imgtune.config import RECIPES, Config, ConfigError
+from imgtune.config import PRESETS, RECIPES, Config, ConfigError
 from imgtune.optim import OPTIMIZERS, SCHEDULES
 from imgtune.tracking import MONITORS
-from imgtune.transforms import PRESETS
 
 Parse = Callable[[str], Mapping[str, Any]]  # the flag's text -> {config key: value}
 
@@ -77,7 +76,9 @@ def _show(value: Any, info: FieldInfo) -> str:
     if isinstance(value, bool):
         return "on" if value else "off"
     if isinstance(value, list | tuple):
-        return ",".join(map(str, value)) if value else "none"
+        return ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value) if value else "none"
+    if isinstance(value, float):
+        return f"{value:g}"
     if isinstance(value, BaseModel):  # train.stage1 / stage2: a section of overrides
         return "all unset"
     return str(value)
@@ -122,10 +123,24 @@ def default_text(key: str, recipes: bool = True) -> str:
     if info.is_required():
         return "required"
     default = info.get_default(call_default_factory=True)
+    if key.startswith("data.aug."):  # a preset's value unless set: the default preset's, and the recipes'
+        return _preset_default(key, info, recipes)
     text = _show(default, info)
     for recipe, value in _recipe_default(key).items() if recipes else ():
         if value != default:
             text += f"; {recipe} recipe: {_show(value, info)}"
+    return text
+
+
+def _preset_default(key: str, info: FieldInfo, recipes: bool) -> str:
+    leaf = key.rsplit(".", 1)[-1]
+    preset = str(field("data.augment").default)
+    default = PRESETS[preset].get(leaf, info.default)
+    text = f"{_show(default, info)} ({preset} preset)"
+    for recipe, name in _recipe_default("data.augment").items() if recipes else ():
+        value = PRESETS[name].get(leaf, info.default)
+        if value != default:
+            text += f"; {recipe} recipe ({name}): {_show(value, info)}"
     return text
 
 
@@ -248,6 +263,7 @@ def _number_or_auto(key: str, auto_key: str, kind: type, flag: str) -> Parse:
 
 _DATA = [
     Flag("data.img_size"),
+    Flag("data.resize"),
     Flag("data.batch_size", parse=_number_or_auto("data.batch_size", "data.auto_batch", int, "--batch-size"),
          metavar="N|auto", extra="'auto' on a CUDA GPU: the largest that fits"),
     Flag("data.augment"),
@@ -270,6 +286,7 @@ _MODEL = [
 _TRAIN = [
     Flag("train.epochs_frozen"),
     Flag("train.epochs"),
+    Flag("train.head_input"),
     Flag("train.lr", parse=_number_or_auto("train.lr", "train.lr_find", float, "--lr"), metavar="LR|auto",
          extra="'auto': the LR finder before each stage"),
     Flag("train.optimizer"),
@@ -287,7 +304,7 @@ _TRAIN = [
     Flag("train.label_smoothing"),
     Flag("train.mixup"),
     Flag("train.cutmix"),
-    Flag("train.random_erasing"),
+    Flag("data.aug.erase", name="--random-erasing"),
     Flag("train.grad_clip"),
     Flag("train.grad_clip_mode"),
     Flag("train.accumulate"),
@@ -320,7 +337,8 @@ def _keys(model: type[BaseModel], prefix: str = "") -> list[str]:
     keys = []
     for name, info in model.model_fields.items():
         annotation = info.annotation
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel) and name in ("data", "model", "train"):
+        nested = name in ("data", "model", "train", "aug")  # sections of keys (train.stage1/2: one row each)
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel) and nested:
             keys += _keys(annotation, f"{prefix}{name}.")
         else:
             keys.append(prefix + name)

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from imgtune.augment import BatchMix
 from imgtune.config import ConfigError
 from imgtune.data import ImageDataset, available_memory, balanced_sampler, make_loader
 from imgtune.distributed import convert_sync_batchnorm, wrap
@@ -26,12 +27,9 @@ from imgtune.optim import LRSchedule, OptimSettings, make_optimizer, weight_ema
 from imgtune.runtime import inference_dtype
 from imgtune.stage import ON_FEATURES, ON_IMAGES, Stage
 from imgtune.tracking import MONITORS
-from imgtune.transforms import BatchMix
 from imgtune.workbench import Workbench
 
 log = logging.getLogger(__name__)
-
-FEATURE_BATCH = 256  # head-only steps on cached features: bigger batches, same result, less overhead
 
 
 def image_loader(wb: Workbench) -> Any:
@@ -114,11 +112,13 @@ def head_stage(wb: Workbench, run_path: Path | None = None) -> Iterator[Stage]:
     opt = make_optimizer(param_groups(model, s.lr, s.lr, s.weight_decay), s)
     description = f"stage 1: head only, {tcfg.epochs_frozen} epochs, {s.optimizer}, {s.schedule}, LR {s.lr:g}"
     common: dict[str, Any] = {"number": 1, "optimizer": opt, "epochs": tcfg.epochs_frozen, "patience": None}
-    if tcfg.bn_frozen_stage == "train":
-        model.bn_policy = "update"  # running statistics adapt although the weights are frozen
+    if tcfg.bn_frozen_stage == "train" or tcfg.head_input == "images":
+        # running statistics adapt (although the weights are frozen) only when asked to
+        model.bn_policy = "update" if tcfg.bn_frozen_stage == "train" else "frozen"
         loader = image_loader(wb)
+        updating = "updating" if tcfg.bn_frozen_stage == "train" else "frozen"
         yield Stage(
-            description=description + ", on images (BatchNorm statistics updating)",
+            description=description + f", on augmented images, batch {wb.cfg.data.batch_size} (BatchNorm {updating})",
             module=wrap(model, wb.dist, wb.device), train_batches=lambda: loader,
             valid_batches=lambda: wb.valid_loader, batches_per_epoch=len(loader),
             scheduler=_schedule(wb, opt, s, len(loader), tcfg.epochs_frozen), policy=ON_IMAGES,
@@ -128,12 +128,14 @@ def head_stage(wb: Workbench, run_path: Path | None = None) -> Iterator[Stage]:
     model.bn_policy = "frozen"
     store, f_valid, y_valid = _stage1_features(wb, run_path)
     try:
-        steps = math.ceil(math.ceil(store.labels.numel() / wb.dist.world) / FEATURE_BATCH)
+        batch = tcfg.feature_batch
+        steps = math.ceil(math.ceil(store.labels.numel() / wb.dist.world) / batch)
         generator = torch.Generator().manual_seed(wb.cfg.seed)
         shard = (wb.dist.rank, wb.dist.world)
         yield Stage(
-            description=description + " on cached features", module=wrap(model.head, wb.dist, wb.device),
-            train_batches=lambda: store.batches(FEATURE_BATCH, generator, shard),
+            description=description + f" on cached features, batch {batch}",
+            module=wrap(model.head, wb.dist, wb.device),
+            train_batches=lambda: store.batches(batch, generator, shard),
             valid_batches=lambda: tensor_batches(f_valid, y_valid, 4096, shuffle=False), batches_per_epoch=steps,
             scheduler=_schedule(wb, opt, s, steps, tcfg.epochs_frozen), policy=ON_FEATURES, generator=generator,
             **common,

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from imgtune.augment import BatchAugment
 from imgtune.checkpoint import Checkpoint
 from imgtune.config import Config, ConfigError
 from imgtune.data import (
@@ -29,12 +30,12 @@ from imgtune.data import (
 )
 from imgtune.distributed import Dist, current
 from imgtune.layouts import DataError, Sample, Split, load_split
-from imgtune.models import Classifier, create_model, has_pretrained_weights
+from imgtune.models import Body, Classifier, create_model, has_pretrained_weights
 from imgtune.optim import OptimSettings
 from imgtune.rng import seed_everything
 from imgtune.runtime import pick_device, probe_batch_size, training_dtype
 from imgtune.tracking import MONITORS
-from imgtune.transforms import BatchAugment, Preprocessing
+from imgtune.transforms import Preprocessing
 
 log = logging.getLogger(__name__)
 
@@ -103,9 +104,9 @@ def prepare(cfg: Config, *, load_pretrained: bool = True, split_file: Path | Non
     model = create_model(
         cfg.model.name, len(split.classes), pretrained=cfg.model.pretrained and load_pretrained,
         weights=cfg.model.weights if load_pretrained else None, dropout=cfg.model.dropout, head=cfg.model.head,
-        head_dropout=cfg.model.head_dropout,
+        head_dropout=cfg.model.head_dropout, body=body(cfg),
     )  # fmt: skip
-    prep = model.preprocessing(dcfg.img_size)
+    prep = model.preprocessing(dcfg.img_size, dcfg.resize)
     model.to(device).use_channels_last()
     if dcfg.auto_batch:
         cfg = _auto_batch(cfg, model, device, d, len(split.train))
@@ -126,7 +127,7 @@ def prepare(cfg: Config, *, load_pretrained: bool = True, split_file: Path | Non
         or cfg.model.weights is not None,
         train_samples=train_samples, valid_samples=valid_samples, skipped=skipped,
         train_plain=ImageDataset(train_samples, prep, train_cache),
-        augment=BatchAugment(cfg.data.augment, tcfg.random_erasing),
+        augment=BatchAugment(cfg.data.aug),
         valid_loader=make_loader(valid_ds, eval_batch, shuffle=False, workers=workers,
                                  pin_memory=device.type == "cuda"),
         workers=workers, generator=torch.Generator().manual_seed(cfg.seed + d.rank), class_weights=class_weights,
@@ -134,6 +135,11 @@ def prepare(cfg: Config, *, load_pretrained: bool = True, split_file: Path | Non
         display_names=load_class_names(dcfg.class_names, split.classes) if dcfg.class_names else list(split.classes),
         lr_factor={"none": 1.0, "linear": float(d.world), "sqrt": math.sqrt(d.world)}[tcfg.lr_scaling],
     )  # fmt: skip
+
+
+def body(cfg: Config) -> Body:
+    m = cfg.model
+    return Body(tuple(m.widths) if m.widths else None, m.pool, cfg.data.img_size, m.keep_fc, m.fc_dropout)
 
 
 def _decode(cfg: Config, split: Split, prep: Preprocessing, d: Dist) -> tuple[Any, ...]:
