@@ -15,6 +15,7 @@ import imgtune
 from conftest import CHROMIUM, FASHION_DIR, launch_chromium, write_class_folders
 from imgtune.checkpoint import load_checkpoint, save_checkpoint
 from imgtune.cli import app
+from imgtune.config import ConfigError
 from imgtune.predict import InputError, TorchPredictor, tta_views
 
 runner = CliRunner()
@@ -177,18 +178,20 @@ def test_submission_for_an_unlabelled_test_folder_with_display_names(shapes: tup
     root, run = shapes
     unlabelled = tmp_path / "test"
     unlabelled.mkdir()
-    for i, f in enumerate(sorted((root / "test").rglob("*.jpg"))[:7]):
-        (unlabelled / f"img_{i:03d}.jpg").write_bytes(f.read_bytes())
+    for i, f in enumerate(sorted((root / "test").rglob("*.jpg"))[:12]):
+        (unlabelled / f"{i}.jpg").write_bytes(f.read_bytes())  # food-11's ids: 0 ... 11, unpadded
     names = tmp_path / "names.json"
     names.write_text(json.dumps({"red": "Red square", "green": "Green square", "blue": "Blue square"}))
     out = tmp_path / "submission.csv"
     res = runner.invoke(app, ["predict", str(run), str(unlabelled), "--format", "submission", "--id-from", "stem",
-                              "--class-names", str(names), "--out", str(out)])  # fmt: skip
+                              "--class-names", str(names), "--columns", "Id,Category", "--out", str(out)])  # fmt: skip
     assert res.exit_code == 0, res.output
     rows = list(csv.reader(io.StringIO(out.read_text())))
-    assert rows[0] == ["id", "label"]
-    assert sorted(r[0] for r in rows[1:]) == [f"img_{i:03d}" for i in range(7)]
+    assert rows[0] == ["Id", "Category"]
+    assert [r[0] for r in rows[1:]] == [str(i) for i in range(12)]  # natural order: 2 before 10
     assert {r[1] for r in rows[1:]} <= {"Red square", "Green square", "Blue square"}
+    res = runner.invoke(app, ["predict", str(run), str(unlabelled), "--format", "submission", "--columns", "Id"])
+    assert isinstance(res.exception, ConfigError) and "two columns" in str(res.exception)
 
 
 def test_compare_pretrained_vs_scratch_on_one_split(tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ from imgtune.layouts import LabelRule, labelled_pairs
 from imgtune.metrics import EvalResult
 from imgtune.predict import (
     EnsemblePredictor,
+    InputError,
     Prediction,
     Predictor,
     expand_inputs,
@@ -123,10 +124,11 @@ class PredictResult:
     top_k: int  # labels per row actually given (at most the number of classes)
     format: str = "csv"
     id_from: str = "stem"
+    columns: tuple[str, str] = ("id", "label")  # the submission's header
 
     def csv(self) -> str:
         if self.format == "submission":
-            return submission_csv(self.rows, self.id_from)
+            return submission_csv(self.rows, self.id_from, self.columns)
         return predictions_csv(self.rows, self.top_k)
 
 
@@ -145,20 +147,24 @@ def predict(
     class_names: Path | str | None = None,
     format: str = "csv",
     id_from: str = "stem",
+    columns: Sequence[str] = ("id", "label"),
     precision: str = "auto",
 ) -> PredictResult:
     """Classify files, folders (recursively, labelled or not) and globs with a run or an ensemble of runs;
     optionally write `out` (atomically): the predictions CSV, or with format="submission" a Kaggle-style
     `id,label` file whose ids are the file stems (id_from="stem"), names ("name") or paths ("path")."""
     if format not in ("csv", "submission"):
-        raise ValueError(f"format {format!r}: choose csv or submission")
+        raise InputError(f"format {format!r}: choose csv or submission")
     if id_from not in ("stem", "name", "path"):
-        raise ValueError(f"id_from {id_from!r}: choose stem, name or path")
+        raise InputError(f"id_from {id_from!r}: choose stem, name or path")
     predictor = load(run, device, backend, weights=weights, class_names=class_names, precision=precision)
     paths = expand_inputs(inputs)
     rows, skipped = predictor.predict(paths, top_k=top_k, batch_size=batch_size, workers=workers, tta=tta)
     k = max(1, min(top_k, len(predictor.classes)))
-    result = PredictResult(rows, skipped, Path(out) if out is not None else None, k, format, id_from)
+    if len(columns) != 2 or not all(c.strip() for c in columns):
+        raise InputError(f"columns {list(columns)}: a submission has two columns, the id's and the label's")
+    header = (columns[0].strip(), columns[1].strip())
+    result = PredictResult(rows, skipped, Path(out) if out is not None else None, k, format, id_from, header)
     if out is not None:
         write_predictions(Path(out), result.csv())
     return result

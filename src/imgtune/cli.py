@@ -171,6 +171,13 @@ def _parse_sets(items: list[str] | None) -> dict[str, Any]:
     return out
 
 
+def _columns(text: str) -> tuple[str, ...]:
+    names = tuple(c.strip() for c in text.split(","))
+    if len(names) != 2 or not all(names):
+        raise ConfigError(f"--columns {text!r}: a submission has two columns, e.g. Id,Category")
+    return names
+
+
 def _floats(text: str | None, flag: str) -> list[float] | None:
     return None if text is None else numbers(float, "0.6,0.4")(text, flag)
 
@@ -396,6 +403,9 @@ def predict(
         str, typer.Option("--format", help="csv (path,label,confidence,...) or submission (id,label).")
     ] = "csv",
     id_from: Annotated[str, typer.Option(help="Submission ids: the file's stem, name or path.")] = "stem",
+    columns: Annotated[
+        str, typer.Option(help="The submission's header, id column then label column, e.g. Id,Category.")
+    ] = "id,label",
     tta: Annotated[bool, typer.Option("--tta", help="Test-time augmentation (4 views, averaged).")] = False,
     ensemble: Annotated[bool, typer.Option("--ensemble", help="Average the probabilities of several runs.")] = False,
     weights: Annotated[str | None, typer.Option(help="Ensemble weights per run, e.g. 0.6,0.4 [equal].")] = None,
@@ -419,7 +429,7 @@ def predict(
     result = run_predict(
         runs, paths, out=out, top_k=top_k, batch_size=batch_size, device=device, workers=workers, backend=backend,
         tta=tta, weights=_floats(weights, "--weights"), class_names=class_names, format=fmt, id_from=id_from,
-        precision=precision,
+        precision=precision, columns=_columns(columns),
     )  # fmt: skip
     if out is None:
         typer.echo(result.csv(), nl=False)

@@ -310,6 +310,43 @@ def _keep_fc(net: nn.Module, body: Body, name: str) -> None:
         mlp.act2 = nn.Sequential(mlp.act2, nn.Dropout(body.fc_dropout))
 
 
+def _builtin_body(
+    name: str, pretrained: bool, weights: Path | str | None, body: Body
+) -> tuple[nn.Module, dict[str, Any], nn.Module | None]:
+    """A built-in CNN body, its preprocessing config, and no old head (it has none worth keeping)."""
+    builtin = BUILTIN[name]
+    if pretrained and weights is None:
+        log.info("%s is a built-in architecture without pretrained weights: random init", name)
+    try:
+        net: nn.Module = builtin.make(body.widths)
+    except ValueError as e:
+        raise ModelError(str(e)) from None
+    if body.pool == "flatten":
+        net = net.flatten_at(body.img_size or builtin.input_size)  # type: ignore[operator]
+    if weights is not None:
+        _load_weights_file(net, Path(weights))
+    cfg: dict[str, Any] = {"mean": MEAN, "std": STD, "input_size": (3, builtin.input_size, builtin.input_size)}
+    return net, cfg, None
+
+
+def _timm_body(
+    name: str, pretrained: bool, weights: Path | str | None, body: Body
+) -> tuple[nn.Module, dict[str, Any], nn.Module | None]:
+    """A timm body with its classifier removed; the old classifier comes back so an ImageNet head can be kept."""
+    _check_name(name)
+    if body.widths is not None or body.pool != "avg":
+        raise ModelError(f"model.widths and model.pool shape the built-in CNNs; {name} is a timm model")
+    net = _timm_model(name, pretrained and weights is None)
+    if weights is not None:
+        _load_weights_file(net, Path(weights))
+    old_head = net.get_classifier()  # type: ignore[operator]
+    cfg = getattr(net, "pretrained_cfg", {}) or {}
+    net.reset_classifier(0)  # type: ignore[operator]
+    if body.keep_fc is not None:
+        _keep_fc(net, body, name)
+    return net, cfg, old_head
+
+
 def create_model(
     name: str = "tf_efficientnet_lite0",
     num_classes: int = 1000,
@@ -324,36 +361,13 @@ def create_model(
     """A Classifier for `num_classes`. With num_classes=1000 and ImageNet weights the ImageNet head is kept."""
     if num_classes < 1:
         raise ModelError(f"num_classes must be at least 1, got {num_classes}")
-    builtin = BUILTIN.get(name)
-    old_head: nn.Module | None = None
-    if builtin is not None:
-        if pretrained and weights is None:
-            log.info("%s is a built-in architecture without pretrained weights: random init", name)
-        try:
-            net: nn.Module = builtin.make(body.widths)
-        except ValueError as e:
-            raise ModelError(str(e)) from None
-        if body.pool == "flatten":
-            net = net.flatten_at(body.img_size or builtin.input_size)  # type: ignore[operator]
-        cfg: dict[str, Any] = {"mean": MEAN, "std": STD, "input_size": (3, builtin.input_size, builtin.input_size)}
+    if name in BUILTIN:
+        net, cfg, old_head = _builtin_body(name, pretrained, weights, body)
         if not head:  # the architecture's own head unless the user chose one
-            head, head_dropout = builtin.head, builtin.head_dropout
-        if weights is not None:
-            _load_weights_file(net, Path(weights))
-        num_features = int(net.num_features)  # type: ignore[arg-type]
+            head, head_dropout = BUILTIN[name].head, BUILTIN[name].head_dropout
     else:
-        _check_name(name)
-        if body.widths is not None or body.pool != "avg":
-            raise ModelError(f"model.widths and model.pool shape the built-in CNNs; {name} is a timm model")
-        net = _timm_model(name, pretrained and weights is None)
-        if weights is not None:
-            _load_weights_file(net, Path(weights))
-        old_head = net.get_classifier()  # type: ignore[operator]
-        cfg = getattr(net, "pretrained_cfg", {}) or {}
-        net.reset_classifier(0)  # type: ignore[operator]
-        if body.keep_fc is not None:
-            _keep_fc(net, body, name)
-        num_features = int(getattr(net, "head_hidden_size", None) or net.num_features)  # type: ignore[arg-type]
+        net, cfg, old_head = _timm_body(name, pretrained, weights, body)
+    num_features = int(getattr(net, "head_hidden_size", None) or net.num_features)  # type: ignore[arg-type]
     new_head = make_head(num_features, num_classes, dropout, head, head_dropout)
     if (
         (pretrained or weights)

@@ -23,7 +23,7 @@ from imgtune.data import decode_prepared
 from imgtune.errors import UserError
 from imgtune.files import atomic_write_text
 from imgtune.images import ImageError
-from imgtune.layouts import DataError, list_files
+from imgtune.layouts import DataError, list_files, natural_key
 from imgtune.metrics import EvalResult, compute_metrics
 from imgtune.models import Classifier, model_from_checkpoint
 from imgtune.runtime import autocast, inference_dtype, pick_device, tune_allocator
@@ -384,15 +384,18 @@ def predictions_csv(rows: Sequence[Prediction], top_k: int) -> str:
     return buf.getvalue()
 
 
-def submission_csv(rows: Sequence[Prediction], id_from: str = "stem") -> str:
-    """Kaggle-style `id,label`: the id is the file's stem ("stem"), name ("name") or path ("path")."""
+def submission_csv(rows: Sequence[Prediction], id_from: str = "stem", columns: Sequence[str] = ("id", "label")) -> str:
+    """Kaggle-style `id,label` (or the competition's own header, e.g. food-11's Id,Category): the id is the file's
+    stem ("stem"), name ("name") or path ("path"); rows in natural order of the ids (0002 before 0010)."""
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["id", "label"])
+    writer.writerow(list(columns))
+    idents = []
     for row in rows:
         path = Path(row.path)
-        ident = {"stem": path.stem, "name": path.name, "path": row.path}[id_from]
-        writer.writerow([spreadsheet_safe(ident), spreadsheet_safe(row.label)])
+        idents.append(({"stem": path.stem, "name": path.name, "path": row.path}[id_from], row.label))
+    for ident, label in sorted(idents, key=lambda r: natural_key(r[0])):
+        writer.writerow([spreadsheet_safe(ident), spreadsheet_safe(label)])
     return buf.getvalue()
 
 
