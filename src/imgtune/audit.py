@@ -14,8 +14,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from imgtune.data import load_class_names
 from imgtune.images import ImageError, load_rgb
-from imgtune.layouts import DataError, LabelRule, Split, load_split
+from imgtune.layouts import DataError, LabelRule, Split, class_names_file, load_split
 
 TINY_PIXELS = 16  # shorter side below this: a warning (upsampling that far invents detail)
 MAX_LISTED = 20
@@ -26,6 +27,7 @@ class AuditReport:
     root: str
     layout: str
     classes: list[str] = field(default_factory=list)
+    names: dict[str, str] = field(default_factory=dict)  # display names, from the dataset's class_names.json
     counts: dict[str, dict[str, int]] = field(default_factory=dict)  # split -> class -> readable images
     unreadable: list[dict[str, str]] = field(default_factory=list)  # {path, reason}
     duplicates: list[dict[str, Any]] = field(default_factory=list)  # exact copies across splits
@@ -45,10 +47,11 @@ class AuditReport:
         lines = [f"dataset {self.root} ({self.layout})", f"{len(self.classes)} classes"]
         splits = list(self.counts)
         if splits:
-            width = max(5, *(len(c) for c in self.classes)) if self.classes else 5
+            shown = {c: f"{c} ({self.names[c]})" if c in self.names else c for c in self.classes}
+            width = max(5, *(len(c) for c in shown.values())) if self.classes else 5
             lines.append(f"  {'class':<{width}} " + " ".join(f"{s:>7}" for s in splits))
             for c in self.classes:
-                lines.append(f"  {c:<{width}} " + " ".join(f"{self.counts[s].get(c, 0):>7}" for s in splits))
+                lines.append(f"  {shown[c]:<{width}} " + " ".join(f"{self.counts[s].get(c, 0):>7}" for s in splits))
             lines.append(f"  {'total':<{width}} " + " ".join(f"{sum(self.counts[s].values()):>7}" for s in splits))
         if self.unreadable:
             lines.append(f"{len(self.unreadable)} unreadable file(s) (training skips them):")
@@ -104,6 +107,11 @@ def audit(
     if split.test:
         layout += " + labelled test" if split.test_labelled else " + unlabelled test"
     report = AuditReport(str(root), layout, classes=list(split.classes), warnings=list(split.notes))
+    if (names := class_names_file(root)) is not None:
+        try:
+            report.names = dict(zip(split.classes, load_class_names(names, split.classes), strict=True))
+        except DataError as e:
+            report.errors.append(str(e))
     _inspect_files(report, split, near_tolerance)
     if fail_on_leak and (report.duplicates or report.near_duplicates):
         report.errors.append(

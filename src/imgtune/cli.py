@@ -127,6 +127,59 @@ _data_cifar("cifar10", "CIFAR-10")
 _data_cifar("cifar100", "CIFAR-100 (100 fine classes)")
 
 
+def _fetched(result: Any) -> None:
+    typer.echo(f"{result.out}: " + ", ".join(f"{k} {v}" for k, v in result.counts.items()) + " images")
+    typer.echo(f"class names: {result.out / 'class_names.json'} (used by imgtune train {result.out})")
+
+
+_MIRROR = typer.Option(help="Base URL to download from instead of the official one (a mirror, a local server).")
+
+
+def _data_fastai(which: str, title: str) -> None:
+    def command(
+        out: Annotated[Path, typer.Argument(help="Folder to write train/ val/ <wnid> folders into.")],
+        size: Annotated[str, typer.Option(help="160 or 320 (px, shortest side), or full.")] = "160",
+        source: Annotated[
+            Path | None, typer.Option(help="The downloaded .tgz, or the folder holding it (no download).")
+        ] = None,
+        mirror: Annotated[str | None, _MIRROR] = None,
+    ) -> None:
+        from imgtune.fetchers import fetch_fastai
+        from imgtune.progress import auto_progress
+
+        _fetched(fetch_fastai(which, out, size, source, mirror, progress=auto_progress()))
+
+    command.__doc__ = (
+        f"Download {title} (fastai's archive: resumable, checksummed) and convert it: train/ val/ class folders, "
+        "the noisy-label CSV, class_names.json (wnid -> name)."
+    )
+    data_app.command(which)(command)
+
+
+_data_fastai("imagenette", "Imagenette (10 easy ImageNet classes)")
+_data_fastai("imagewoof", "Imagewoof (10 dog breeds)")
+
+
+@data_app.command("flowers102")
+def data_flowers102(
+    out: Annotated[Path, typer.Argument(help="Folder to write train/ valid/ test/ class folders into.")],
+    split: Annotated[
+        str,
+        typer.Option(help="official (10+10 per class to train/validate, 6,149 test) or large (train on the 6,149)."),
+    ] = "official",
+    source: Annotated[
+        Path | None, typer.Option(help="Folder with 102flowers.tgz, imagelabels.mat, setid.mat (no download).")
+    ] = None,
+    mirror: Annotated[str | None, _MIRROR] = None,
+) -> None:
+    """Download Oxford flowers-102 (resumable, checksummed) and convert it: class folders 1..102 and
+    class_names.json (number -> flower name)."""
+    from imgtune.fetchers import fetch_flowers102
+    from imgtune.progress import auto_progress
+
+    _fetched(fetch_flowers102(out, split, source, mirror, progress=auto_progress()))
+
+
 @data_app.command("check")
 @with_flags(CHECK_FLAGS)
 def data_check(

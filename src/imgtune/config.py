@@ -175,7 +175,8 @@ class DataConfig(_Section):
     )  # fmt: skip
     class_names: Path | None = setting(
         None, "JSON {folder name: display name}, e.g. flowers-102's cat_to_name.json",
-        when="predictions, eval tables and the report show the display names",
+        when="predictions, eval tables and the report show the display names; a dataset's own "
+        "class_names.json (as `imgtune data` writes it) is used when this is unset",
     )  # fmt: skip
     cache: CacheMode = setting(
         "auto", "keep decoded, resized images in RAM (auto: when they take under 30% of free memory)",

@@ -32,10 +32,19 @@ PATH_COLUMNS = ("path", "file", "filename", "fname", "image", "image_path", "img
 LABEL_COLUMNS = ("label", "labels", "class", "category", "target", "noisy_labels_0")
 SPLIT_COLUMNS = ("split", "is_valid", "subset", "set")
 TRUE, FALSE = {"true", "1", "yes"}, {"false", "0", "no"}
+CLASS_NAMES_FILE = "class_names.json"  # a dataset's own {folder name: display name} map, as `imgtune data` writes
 
 
 class DataError(UserError, ValueError):
     """The dataset folder cannot be used as asked; the message names the folder or file and what to do."""
+
+
+def class_names_file(root: Path, chosen: Path | None = None) -> Path | None:
+    """The display-name map to use: the one chosen, else the dataset's own class_names.json if it has one."""
+    if chosen is not None:
+        return Path(chosen)
+    own = Path(root) / CLASS_NAMES_FILE
+    return own if own.is_file() else None
 
 
 LAYOUTS = """imgtune reads these layouts:

@@ -29,7 +29,7 @@ from imgtune.data import (
     should_cache,
 )
 from imgtune.distributed import Dist, current
-from imgtune.layouts import DataError, Sample, Split, load_split
+from imgtune.layouts import DataError, Sample, Split, class_names_file, load_split
 from imgtune.models import Body, Classifier, create_model, has_pretrained_weights
 from imgtune.optim import OptimSettings
 from imgtune.rng import seed_everything
@@ -121,6 +121,7 @@ def prepare(cfg: Config, *, load_pretrained: bool = True, split_file: Path | Non
     if tcfg.balance == "weights":  # inverse frequency, mean weight 1 over the samples
         counts = torch.bincount(torch.tensor([s.label for s in train_samples]), minlength=len(split.classes))
         class_weights = counts.sum() / (len(split.classes) * counts.clamp(min=1).float())
+    names = class_names_file(dcfg.path, dcfg.class_names)
     return Workbench(
         cfg=cfg, device=device, dist=d, split=split, model=model, prep=prep,
         pretrained_start=(cfg.model.pretrained and has_pretrained_weights(cfg.model.name))
@@ -132,7 +133,7 @@ def prepare(cfg: Config, *, load_pretrained: bool = True, split_file: Path | Non
                                  pin_memory=device.type == "cuda"),
         workers=workers, generator=torch.Generator().manual_seed(cfg.seed + d.rank), class_weights=class_weights,
         eval_batch=eval_batch,
-        display_names=load_class_names(dcfg.class_names, split.classes) if dcfg.class_names else list(split.classes),
+        display_names=load_class_names(names, split.classes) if names else list(split.classes),
         lr_factor={"none": 1.0, "linear": float(d.world), "sqrt": math.sqrt(d.world)}[tcfg.lr_scaling],
     )  # fmt: skip
 
