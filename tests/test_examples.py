@@ -27,19 +27,29 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_there_are_examples() -> None:
     assert {p.stem for p in EXAMPLES} >= {
-        "fruit_vgg16", "flowers_resnet18", "imagewoof_resnet50", "cifar10_resnet18_scratch"
+        "seed000_fruit_vgg16", "seed001_flowers_resnet18", "seed002_food11_cnn", "seed003_imagewoof_resnet50",
+        "seed004_cifar10_vgg16bn", "cifar10_resnet18_scratch",
     }  # fmt: skip
 
 
 @pytest.mark.parametrize("example", EXAMPLES, ids=lambda p: p.stem)
 def test_example_config_takes_a_step(example: Path, data: Path, tmp_path: Path) -> None:
-    overrides = {"data.path": data, "data.img_size": 32, "data.batch_size": 4, "model.pretrained": False}
+    overrides = {
+        "data.path": data,
+        "data.img_size": 32,
+        "data.batch_size": 4,
+        "model.pretrained": False,
+        "data.labels": "folder",
+        "data.valid_fraction": 0.2,
+    }  # class folders here: test_tutorials has the tutorials' own layouts
     cfg = imgtune.build_config(example, overrides)
     assert cfg.model.name.endswith("tv_in1k") or is_builtin(cfg.model.name)
     wb = prepare(cfg)
-    if cfg.model.head:
+    if cfg.model.head:  # the tutorial's MLP: its hidden sizes, then the 3 classes
         linears = [m for m in wb.model.head if isinstance(m, torch.nn.Linear)]
-        assert [(m.in_features, m.out_features) for m in linears] == [(4096, 500), (500, 3)]
+        assert [m.out_features for m in linears] == [*cfg.model.head, 3]
+    if cfg.model.keep_fc == 1:  # VGG cut after fc6: the head reads fc6's 4096 features
+        assert wb.model.head[0].in_features == 4096 if isinstance(wb.model.head[0], torch.nn.Linear) else True
     stage = finetune_stage(wb)
     batch = next(iter(stage.train_batches()))
     one_step = dataclasses.replace(stage, train_batches=lambda: [batch], batches_per_epoch=1)

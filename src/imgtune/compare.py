@@ -1,7 +1,8 @@
 """`imgtune compare`: train several variants on the same split, seed and budget; one table, one page.
 
-The classic use is "how much does pretraining help?": each model once from ImageNet weights and once from
-random init (`pretrained_vs_scratch`), with the same epochs and, optionally, the same wall-clock budget.
+The classic use is "how much does pretraining help?": each model once from ImageNet weights (hub, packaged, or
+a `model.weights` file: offline, weights downloaded elsewhere) and once from random init
+(`pretrained_vs_scratch`), with the same epochs and, optionally, the same wall-clock budget.
 """
 
 from __future__ import annotations
@@ -84,7 +85,10 @@ def compare(
         train_cfg = base.train.model_copy(update={"max_minutes": budget_minutes} if budget_minutes else {})
         cfg = base.model_copy(
             update={
-                "model": base.model.model_copy(update={"name": v.model, "pretrained": v.pretrained}),
+                # the scratch variant starts from random init, also when the others start from a weights file
+                "model": base.model.model_copy(
+                    update={"name": v.model, "pretrained": v.pretrained} | ({} if v.pretrained else {"weights": None})
+                ),
                 "data": base.data.model_copy(update={"split_file": split_file}),
                 "train": train_cfg,
                 "out": folder,

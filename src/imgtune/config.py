@@ -12,7 +12,16 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    JsonValue,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from imgtune.errors import UserError
 from imgtune.layouts import LabelRule
@@ -250,6 +259,34 @@ class ModelConfig(_Section):
     dropout: float = setting(
         0.0, "dropout right before the classifier layer", ge=0.0, lt=1.0, when="for small datasets"
     )
+    mean: list[float] | None = setting(
+        None, "input normalisation: the per-channel (R,G,B) mean on the 0-1 scale, as torchvision's Normalize",
+        unset="the weights' own",
+        when="a tutorial's Normalize(mean, std) for a model trained from scratch (0.5,0.5,0.5); a pretrained "
+        "model is best fed as its weights were trained, so leave it unset there",
+    )  # fmt: skip
+    std: list[float] | None = setting(
+        None, "input normalisation: the per-channel (R,G,B) standard deviation on the 0-1 scale",
+        unset="the weights' own", when="set together with model.mean",
+    )  # fmt: skip
+
+    @field_validator("mean", "std", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: Any) -> Any:
+        return [v.strip() for v in value.split(",")] if isinstance(value, str) else value
+
+    @field_validator("mean", "std")
+    @classmethod
+    def _three_channels(cls, value: list[float] | None, info: ValidationInfo) -> list[float] | None:
+        if value is not None and (len(value) != 3 or (info.field_name == "std" and min(value) <= 0)):
+            raise ValueError(f"three values, one per R, G, B channel{' (all > 0)' if info.field_name == 'std' else ''}")
+        return value
+
+    @model_validator(mode="after")
+    def _mean_with_std(self) -> ModelConfig:
+        if (self.mean is None) != (self.std is None):
+            raise ValueError("model.mean and model.std go together: set both, or neither")
+        return self
 
     @field_validator("head")
     @classmethod

@@ -229,8 +229,12 @@ def load_split(
         notes.append(f"{len(source.loose)} file(s) in {source.folder} {what} ignored")
     train_files = source.labelled
     if not train_files:
-        found = "files, but none with a class in its name" if rule.source == "filename" else "no class folders"
-        raise DataError(f"{source.folder}: {found} with images\n{LAYOUTS}")
+        found = (
+            "no image file with a class in its name (such as 3_127.jpg)"
+            if rule.source == "filename"
+            else "no class folders with images"
+        )
+        raise DataError(f"{source.folder}: {found}\n{LAYOUTS}")
     classes = sorted(train_files, key=natural_key)
     index = {c: i for i, c in enumerate(classes)}
     made_split = "valid" not in folders

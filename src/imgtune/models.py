@@ -85,6 +85,12 @@ class Classifier(nn.Module):
         self.to(memory_format=torch.channels_last if enabled else torch.contiguous_format)
         return self
 
+    def normalise_with(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        """Feed the model with other normalisation constants than its weights' (a tutorial's Normalize)."""
+        self.arch["mean"], self.arch["std"] = [float(v) for v in mean], [float(v) for v in std]
+        self.mean.copy_(torch.tensor(self.arch["mean"]).view(1, 3, 1, 1) * 255)
+        self.std.copy_(torch.tensor(self.arch["std"]).view(1, 3, 1, 1) * 255)
+
     def preprocessing(self, img_size: int, resize: str = "crop") -> Preprocessing:
         return Preprocessing(
             img_size=img_size,
@@ -404,9 +410,8 @@ def model_from_checkpoint(ckpt: Checkpoint) -> Classifier:
         head_dropout=float(arch.get("head_dropout", 0.0)),
         body=Body.from_dict(arch.get("body")),
     )
-    model.arch.update({k: arch[k] for k in ("mean", "std", "interpolation") if k in arch})
-    model.mean.copy_(torch.tensor(arch["mean"]).view(1, 3, 1, 1) * 255)
-    model.std.copy_(torch.tensor(arch["std"]).view(1, 3, 1, 1) * 255)
+    model.arch["interpolation"] = arch.get("interpolation", model.arch["interpolation"])
+    model.normalise_with(arch["mean"], arch["std"])
     model.load_state_dict(ckpt.state_dict)
     return model
 

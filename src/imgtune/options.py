@@ -325,7 +325,14 @@ _RUN = [Flag("out"), Flag("seed"), Flag("device")]
 
 TRAIN_FLAGS = [*_MODEL, *_DATA, *_TRAIN, *_RUN]
 _BATCH = Flag("data.batch_size")  # compare and lr-find: a number only (no GPU probe there)
-COMPARE_FLAGS = [Flag("data.img_size"), Flag("train.epochs_frozen"), Flag("train.epochs"), _BATCH, Flag("seed")]
+COMPARE_FLAGS = [
+    _MODEL[2],
+    Flag("data.img_size"),
+    Flag("train.epochs_frozen"),
+    Flag("train.epochs"),
+    _BATCH,
+    Flag("seed"),
+]
 LR_FIND_FLAGS = [_MODEL[0], Flag("data.img_size"), _BATCH, Flag("train.optimizer")]
 CHECK_FLAGS = [f for f in _DATA if f.key.startswith("data.label")] + [Flag("data.valid_fraction"), Flag("seed")]
 

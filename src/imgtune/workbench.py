@@ -106,6 +106,8 @@ def prepare(cfg: Config, *, load_pretrained: bool = True, split_file: Path | Non
         weights=cfg.model.weights if load_pretrained else None, dropout=cfg.model.dropout, head=cfg.model.head,
         head_dropout=cfg.model.head_dropout, body=body(cfg),
     )  # fmt: skip
+    if cfg.model.mean is not None and cfg.model.std is not None:
+        model.normalise_with(cfg.model.mean, cfg.model.std)
     prep = model.preprocessing(dcfg.img_size, dcfg.resize)
     model.to(device).use_channels_last()
     if dcfg.auto_batch:
