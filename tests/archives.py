@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import pickle
 import tarfile
 import threading
 from collections.abc import Iterator
@@ -142,3 +143,31 @@ def write_files(folder: Path, files: dict[str, bytes]) -> Path:
     for name, data in files.items():
         (folder / name).write_bytes(data)
     return folder
+
+
+def cifar_archive(tmp_path: Path, which: str = "cifar10", protocol: int = 2) -> tuple[Path, np.ndarray]:
+    """A small archive in the real format: pickled dicts with bytes keys, uint8 N x 3072 rows."""
+    rng = np.random.default_rng(0)
+    folder = "cifar-10-batches-py" if which == "cifar10" else "cifar-100-python"
+    label_key = b"labels" if which == "cifar10" else b"fine_labels"
+    n_classes = 10 if which == "cifar10" else 4  # a tiny CIFAR-100 stand-in: the format, not the size
+    files: dict[str, bytes] = {}
+    first = None
+    train_names = [f"data_batch_{i}" for i in range(1, 6)] if which == "cifar10" else ["train"]
+    for name in [*train_names, "test_batch" if which == "cifar10" else "test"]:
+        n = 3 * n_classes
+        data = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
+        batch = {b"data": data, label_key: [i % n_classes for i in range(n)], b"batch_label": name.encode()}
+        first = data if first is None else first
+        files[name] = pickle.dumps(batch, protocol=protocol)
+    names_key = b"label_names" if which == "cifar10" else b"fine_label_names"
+    meta = {names_key: [f"class{i}".encode() for i in range(n_classes)]}
+    files["batches.meta" if which == "cifar10" else "meta"] = pickle.dumps(meta, protocol=protocol)
+    archive = tmp_path / f"{which}-python.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        for name, blob in files.items():
+            info = tarfile.TarInfo(f"{folder}/{name}")
+            info.size = len(blob)
+            tar.addfile(info, io.BytesIO(blob))
+    assert first is not None
+    return archive, first

@@ -117,3 +117,26 @@ def test_tutorial_shapes_food11_cnn_and_vgg16_cut_after_fc6(tmp_path: Path) -> N
         create_model("resnet18", 3, pretrained=False, body=Body(widths=(8, 16)))
     narrow = create_model("vgg16_bn_cifar", 10, body=Body(widths=(32, 64, 128, 256, 256)))
     assert narrow.arch["num_features"] == 256 and narrow(torch.zeros(1, 3, 32, 32, dtype=torch.uint8)).shape == (1, 10)
+
+
+def test_torchvision_layout_weights_convert_to_timms_vgg(tmp_path: Path) -> None:
+    """A VGG .pth saved by torchvision (classifier.0/3/6 Linear layers) gets timm's names and conv shapes, as
+    timm's own pretrained loader converts it. On the meta device: names and shapes without 130M numbers."""
+    import timm
+
+    from imgtune.models import _timm_layout
+
+    with torch.device("meta"):
+        net = timm.create_model("vgg16", pretrained=False, num_classes=5)
+    own = net.state_dict()
+    torchvision_style = {
+        k.replace("pre_logits.fc1", "classifier.0").replace("pre_logits.fc2", "classifier.3")
+        .replace("head.fc", "classifier.6"): v.flatten(1) if k.startswith("pre_logits") and v.ndim == 4 else v
+        for k, v in own.items()
+    }  # fmt: skip
+    assert "classifier.0.weight" in torchvision_style and torchvision_style["classifier.0.weight"].ndim == 2
+    converted = _timm_layout(net, torchvision_style)
+    assert converted.keys() == own.keys()
+    assert all(converted[k].shape == own[k].shape for k in own)
+    assert converted["pre_logits.fc1.weight"].shape == (4096, 512, 7, 7)
+    assert _timm_layout(net, own) is own  # already timm's layout: nothing to convert

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import pickle
@@ -15,6 +14,7 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
+from archives import cifar_archive
 from conftest import write_class_folders
 from imgtune.augment import BatchAugment
 from imgtune.checkpoint import Checkpoint
@@ -125,37 +125,9 @@ def test_cnn5_learns_from_scratch(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------------------------ CIFAR
 
 
-def _cifar_archive(tmp_path: Path, which: str = "cifar10", protocol: int = 2) -> tuple[Path, np.ndarray]:
-    """A small archive in the real format: pickled dicts with bytes keys, uint8 N x 3072 rows."""
-    rng = np.random.default_rng(0)
-    folder = "cifar-10-batches-py" if which == "cifar10" else "cifar-100-python"
-    label_key = b"labels" if which == "cifar10" else b"fine_labels"
-    n_classes = 10 if which == "cifar10" else 4  # a tiny CIFAR-100 stand-in: the format, not the size
-    files: dict[str, bytes] = {}
-    first = None
-    train_names = [f"data_batch_{i}" for i in range(1, 6)] if which == "cifar10" else ["train"]
-    for name in [*train_names, "test_batch" if which == "cifar10" else "test"]:
-        n = 3 * n_classes
-        data = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
-        batch = {b"data": data, label_key: [i % n_classes for i in range(n)], b"batch_label": name.encode()}
-        first = data if first is None else first
-        files[name] = pickle.dumps(batch, protocol=protocol)
-    names_key = b"label_names" if which == "cifar10" else b"fine_label_names"
-    meta = {names_key: [f"class{i}".encode() for i in range(n_classes)]}
-    files["batches.meta" if which == "cifar10" else "meta"] = pickle.dumps(meta, protocol=protocol)
-    archive = tmp_path / f"{which}-python.tar.gz"
-    with tarfile.open(archive, "w:gz") as tar:
-        for name, blob in files.items():
-            info = tarfile.TarInfo(f"{folder}/{name}")
-            info.size = len(blob)
-            tar.addfile(info, io.BytesIO(blob))
-    assert first is not None
-    return archive, first
-
-
 @pytest.mark.parametrize("protocol", [2, 4])
 def test_cifar10_archive_becomes_image_folders(tmp_path: Path, protocol: int) -> None:
-    archive, first = _cifar_archive(tmp_path, protocol=protocol)
+    archive, first = cifar_archive(tmp_path, protocol=protocol)
     out = tmp_path / "out"
     counts = write_cifar("cifar10", out, valid_per_class=1, source=archive)
     assert counts == {"train": 5 * 30 - 10, "valid": 10, "test": 30}
@@ -170,7 +142,7 @@ def test_cifar10_archive_becomes_image_folders(tmp_path: Path, protocol: int) ->
 
 
 def test_cifar100_from_an_extracted_folder_via_cli(tmp_path: Path) -> None:
-    archive, _ = _cifar_archive(tmp_path, "cifar100")
+    archive, _ = cifar_archive(tmp_path, "cifar100")
     with tarfile.open(archive) as tar:
         tar.extractall(tmp_path / "extracted", filter="data")
     out = tmp_path / "out"

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import inspect
 import logging
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -258,6 +260,8 @@ def _load_weights_file(model: nn.Module, path: Path) -> None:
         raise ModelError(f"{path}: not a state dict of tensors")
     state = {k.removeprefix("module."): v for k, v in state.items()}
     own = model.state_dict()
+    if any(k not in own for k in state):
+        state = _timm_layout(model, state)
     bad = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
     usable = {k: v for k, v in state.items() if k in own and k not in bad}
     if not usable:
@@ -271,6 +275,28 @@ def _load_weights_file(model: nn.Module, path: Path) -> None:
         )
     model.load_state_dict(usable, strict=False)
     log.info("loaded %d tensors from %s", len(usable), path)
+
+
+def _timm_layout(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A file in torchvision's (or the original) layout, converted the way timm's pretrained loader converts it
+    for this architecture (VGG: classifier.0 -> pre_logits.fc1 as a 7x7 conv), so torchvision's .pth files
+    downloaded elsewhere load offline. Unchanged when timm has no converter or it does not apply."""
+    module = sys.modules.get(type(model).__module__)
+    own = model.state_dict()
+    for name in ("checkpoint_filter_fn", "_filter_fn"):
+        convert = getattr(module, name, None)
+        if not callable(convert):
+            continue
+        try:
+            takes_model = len(inspect.signature(convert).parameters) >= 2
+            converted = dict(convert(state, model) if takes_model else convert(state))
+        except Exception as e:  # a converter for another source layout: keep the file's own names
+            log.debug("%s.%s did not apply: %s", module.__name__ if module else "?", name, e)
+            continue
+        if sum(k in own for k in converted) > sum(k in own for k in state):
+            log.info("converted the weights' names to timm's %s layout", type(model).__name__)
+            return converted
+    return state
 
 
 @dataclass(frozen=True)

@@ -159,7 +159,7 @@ def write_folders(
         ("valid", data.train_x, data.train_y, valid_idx),
         ("test", data.test_x, data.test_y, list(range(len(data.test_y)))),
     ):
-        for c in data.classes:
+        for c in data.classes if indices else ():  # --valid-per-class 0: no valid/ at all (train on everything)
             (out / split / c).mkdir(parents=True, exist_ok=True)
         jobs += [(out / split / data.classes[int(labels[i])] / f"{i}.png", images[i]) for i in indices]
 
