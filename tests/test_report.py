@@ -236,3 +236,14 @@ def test_per_class_scores_by_hand() -> None:
     result = compute_metrics(logits, labels, ["a", "b", "c"])
     assert result.accuracy == 0.5 and result.macro_f1 == pytest.approx((2 / 3 + 0) / 2)  # over present classes
     assert result.top5 == 1.0 and result.balanced_accuracy == pytest.approx(1 / 3)
+
+
+def test_prediction_grid_captions_fit_their_panel() -> None:
+    """flowers-102's long names used to run into the next panel: every line now fits, the confidence stays."""
+    from imgtune.report import CAPTION_WIDTH, caption
+
+    for true, predicted in [("pink primrose", "hard-leaved pocket orchid"), ("x" * 70, "giant white arum lily " * 3)]:
+        text = caption(true, predicted, 0.934)
+        assert all(len(line) <= CAPTION_WIDTH for line in text.splitlines()) and text.endswith("0.93")
+        assert text.count("\n") <= 4
+    assert caption("1", "2", 0.5) == "true 1\npred 2 0.50"

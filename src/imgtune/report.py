@@ -13,6 +13,7 @@ import html
 import json
 import logging
 import math
+import textwrap
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -124,11 +125,32 @@ def plot_reliability(result: EvalResult, out: Path) -> Path:
     return save_figure(fig, out)
 
 
+CAPTION_WIDTH = 24  # characters of a 7-pt caption line under a 1.9-inch panel
+
+
+def caption(true: str, predicted: str, confidence: float) -> str:
+    """ "true X / pred Y 0.93", each name wrapped to the panel's width and cut after two lines, so long class
+    names (flowers-102's "hard-leaved pocket orchid", ImageNet's breeds) never run into the next panel."""
+
+    def fit(prefix: str, name: str, suffix: str = "") -> str:
+        lines = textwrap.wrap(f"{prefix} {name}", CAPTION_WIDTH, break_long_words=True) or [prefix]
+        if len(lines) > 2:
+            lines = [lines[0], lines[1][: CAPTION_WIDTH - 3].rstrip() + "..."]
+        if suffix and len(lines[-1]) + len(suffix) <= CAPTION_WIDTH:
+            lines[-1] += suffix
+        elif suffix:
+            lines.append(suffix.strip())
+        return "\n".join(lines)
+
+    return fit("true", true) + "\n" + fit("pred", predicted, f" {confidence:.2f}")
+
+
 def _gallery(images: Sequence[torch.Tensor], captions: Sequence[str], colours: Sequence[str], out: Path) -> Path:
     n = len(images)
     cols = min(8, max(1, n))
     rows = max(1, math.ceil(n / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(1.9 * cols, 2.2 * rows), squeeze=False)
+    lines = max((c.count("\n") + 1 for c in captions), default=2)
+    fig, axes = plt.subplots(rows, cols, figsize=(1.9 * cols, (1.9 + 0.15 * lines) * rows), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, img, cap, colour in zip(axes.flat, images, captions, colours, strict=False):
@@ -152,7 +174,7 @@ def plot_predictions(result: EvalResult, out: Path, size: int = 96) -> Path | No
     g = torch.Generator().manual_seed(0)
     pick = torch.randperm(len(result.samples), generator=g)[:GRID].tolist()
     chosen = [result.samples[i] for i in pick]
-    captions = [f"true {result.classes[t]}\npred {result.classes[p]} {c:.2f}" for _, t, p, c in chosen]
+    captions = [caption(result.classes[t], result.classes[p], c) for _, t, p, c in chosen]
     colours = ["green" if t == p else "red" for _, t, p, _ in chosen]
     return _gallery(_load_images([s[0] for s in chosen], size), captions, colours, out)
 
@@ -161,7 +183,7 @@ def plot_top_losses(result: EvalResult, out: Path, size: int = 96) -> Path | Non
     """The most confidently wrong images: label noise, ambiguous classes, or what the model has not learnt."""
     if not result.top_losses:
         return None
-    captions = [f"true {m['true']}\npred {m['predicted']} {m['confidence']:.2f}" for m in result.top_losses]
+    captions = [caption(m["true"], m["predicted"], m["confidence"]) for m in result.top_losses]
     images = _load_images([m["path"] for m in result.top_losses], size)
     return _gallery(images, captions, ["red"] * len(images), out)
 
