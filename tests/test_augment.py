@@ -3,6 +3,8 @@ torchvision's get_params distributions, and the colour operations give torchvisi
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from torchvision import transforms as T
@@ -26,11 +28,18 @@ def _ks(a: torch.Tensor, b: torch.Tensor) -> float:
 LIMIT = 0.06  # 4000 draws a side: two samples of one distribution are this far apart once in ~10^5 times
 
 
-@pytest.mark.parametrize(("scale", "ratio"), [((0.7, 1.0), (1.0, 1.0)), ((0.08, 1.0), (3 / 4, 4 / 3))])
-def test_random_resized_crop_draws_like_torchvision(scale: tuple[float, float], ratio: tuple[float, float]) -> None:
+@pytest.mark.parametrize(
+    ("scale", "ratio", "photo"),
+    [((0.7, 1.0), (1.0, 1.0), (S, S)), ((0.08, 1.0), (3 / 4, 4 / 3), (S, S)), ((0.08, 1.0), (3 / 4, 4 / 3), (48, 64))],
+)
+def test_random_resized_crop_draws_like_torchvision(
+    scale: tuple[float, float], ratio: tuple[float, float], photo: tuple[int, int]
+) -> None:
+    """Also from a 4:3 photo's whole area, as a wide training view (data.train_aspect) draws them."""
     torch.manual_seed(0)
-    mine = BatchAugment(AugConfig(scale=scale, ratio=ratio)).draw(N, S, S).crop  # top, left, h, w
-    img = torch.zeros(3, S, S)
+    source = torch.full((N,), float(photo[0])), torch.full((N,), float(photo[1]))
+    mine = BatchAugment(AugConfig(scale=scale, ratio=ratio)).draw(N, S, S, source=source).crop  # top, left, h, w
+    img = torch.zeros(3, *photo)
     theirs = torch.tensor([T.RandomResizedCrop.get_params(img, list(scale), list(ratio)) for _ in range(N)])
     for k, what in enumerate(("top", "left", "height", "width")):
         assert _ks(mine[:, k], theirs[:, k].float()) < LIMIT, what
@@ -86,3 +95,77 @@ def test_flips_grayscale_and_the_resolved_config() -> None:
     assert again.data.aug.rotate == 0 and again.data.aug.hue == 0  # a new preset on the command line replaces them
     with pytest.raises(Exception, match="scale"):
         AugConfig(scale=(0.9, 0.5))
+
+
+def _striped(h: int, w: int) -> torch.Tensor:
+    """A photo whose outer eighths along its long side are red and blue, the rest green."""
+    img = torch.zeros(3, h, w, dtype=torch.uint8)
+    img[1] = 200
+    edge = max(h, w) // 8
+    first, last = (slice(None), slice(0, edge)), (slice(None), slice(-edge, None))
+    if h > w:
+        first, last = first[::-1], last[::-1]
+    img[(0, *first)], img[(1, *first)] = 255, 0
+    img[(2, *last)], img[(1, *last)] = 255, 0
+    return img
+
+
+def test_wide_training_views_reach_past_the_centre_square_and_keep_orientation() -> None:
+    from imgtune.transforms import Preprocessing, prepare, prepare_wide
+
+    prep = Preprocessing(32, (0.5,) * 3, (0.5,) * 3)
+    photos = [
+        _striped(48, 64),
+        _striped(64, 48),
+        _striped(40, 40),
+        torch.randint(0, 256, (3, 37, 90), dtype=torch.uint8),
+    ]
+    wide = torch.stack([prepare_wide(p, prep, 4 / 3) for p in photos])
+    square = torch.stack([prepare(p, prep) for p in photos])
+    assert torch.equal(BatchAugment.plain(wide), square)  # view 0 / evaluation: exactly the centre square
+    torch.testing.assert_close(BatchAugment(AugConfig(hflip=0))(wide), square.float() / 255)  # nothing drawn
+
+    aug = BatchAugment(AugConfig(scale=(0.95, 1.0), hflip=0))  # ~the whole photo, either way up
+    torch.manual_seed(0)
+    out = aug(wide[:2].repeat(32, 1, 1, 1))
+    red, blue = (out[:, 0] > 0.8) & (out[:, 1] < 0.2), (out[:, 2] > 0.8) & (out[:, 1] < 0.2)
+    assert not (square[:2, 0] == 255).any()  # the square view never sees the red and blue strips
+    landscape, portrait = slice(0, None, 2), slice(1, None, 2)
+    assert red[landscape][:, :, :2].float().mean() > 0.9 and blue[landscape][:, :, -2:].float().mean() > 0.9
+    assert red[portrait][:, :2].float().mean() > 0.9 and blue[portrait][:, -2:].float().mean() > 0.9  # upright
+    assert red[landscape][:, :, -8:].float().mean() < 0.05 and red[portrait][:, -8:].float().mean() < 0.05
+
+
+def test_training_with_wide_views_end_to_end(tmp_path: Path) -> None:
+    """data.train_aspect through a real run on 4:3 and 3:4 photos: cached and decoded on the fly, the head on
+    plain and augmented feature views, fine-tuning on wide crops; evaluation still sees the centre square."""
+    import imgtune
+    from conftest import PALETTE, shape_image
+
+    for split, n in (("train", 6), ("valid", 2)):
+        for k, (name, colour) in enumerate(PALETTE.items()):
+            (tmp_path / "ds" / split / name).mkdir(parents=True)
+            for i in range(n):
+                box = (0, 6, 48, 42) if i % 2 else (6, 0, 42, 48)
+                shape_image(colour, 100 * k + i, size=48).crop(box).save(tmp_path / "ds" / split / name / f"{i}.png")
+    cfg = imgtune.build_config(overrides={
+        "data.path": tmp_path / "ds", "out": tmp_path / "run", "data.img_size": 32, "data.cache": "ram",
+        "data.batch_size": 6, "data.train_aspect": 1.33, "train.epochs_frozen": 1, "train.epochs": 1,
+        "train.feature_views": 2,
+    })  # fmt: skip
+    result = imgtune.train(cfg)
+    assert result.summary["epochs_run"] == 2 and result.summary["train_images"] == 18
+    assert "train_aspect: 1.33" in (result.run_dir / "config.yaml").read_text()
+    assert (result.run_dir / "plots" / "samples.png").is_file()
+    ckpt = torch.load(result.run_dir / "checkpoints" / "best.pt", weights_only=True)
+    assert ckpt["preprocessing"]["resize"] == "crop"  # what predict and serve do is unchanged
+    # --cache none decodes the same wide views on the fly
+    from imgtune.data import ImageDataset, decode_many
+    from imgtune.layouts import load_split
+    from imgtune.transforms import Preprocessing
+
+    prep = Preprocessing(32, (0.5,) * 3, (0.5,) * 3)
+    samples = load_split(tmp_path / "ds", 0.2, 0).train[:4]
+    cached, _, _ = decode_many([x.path for x in samples], prep, wide=1.33)
+    on_the_fly = torch.stack([ImageDataset(samples, prep, None, 1.33)[i][0] for i in range(4)])  # type: ignore[index]
+    assert cached.shape == (4, 4, 32, 43) and torch.equal(cached, on_the_fly)

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from imgtune.config import PRESETS, AugConfig
+from imgtune.transforms import TURNED_MARK
 
 GRAY = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights
 ATTEMPTS = 10  # RandomResizedCrop's and RandomErasing's tries before their fallback, as torchvision
@@ -37,6 +38,47 @@ class Draws:
     order: torch.Tensor  # 4: the order of the jitter operations (ColorJitter's fn_idx), one per batch
     gray: torch.Tensor  # n booleans
     erase: torch.Tensor  # n x 4: top, left, height, width of the erased rectangle (0 x 0: none)
+
+
+@dataclass
+class Wide:
+    """Where each image of a wide training view (transforms.prepare_wide) lies in its buffer, read from the
+    marks in channel 3: its first and last image column, and whether it is a portrait turned on its side."""
+
+    first: torch.Tensor  # n: first buffer column holding the image
+    width: torch.Tensor  # n: image columns in the buffer (its long side, up to the buffer's width)
+    turned: torch.Tensor  # n booleans
+    height: int  # S
+    buffer_width: int  # W
+
+    @classmethod
+    def of(cls, x: torch.Tensor) -> Wide:
+        marks = x[:, 3, 0]  # one row is enough: a mark fills whole columns
+        cols = torch.arange(marks.shape[-1], device=x.device)
+        inside = marks > 0
+        first = torch.where(inside, cols, marks.shape[-1]).amin(1).float()
+        last = torch.where(inside, cols, -1).amax(1).float()
+        return cls(first, last - first + 1, marks.amax(1) == TURNED_MARK, x.shape[-2], x.shape[-1])
+
+    def source_size(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(height, width) of each photo as it was, before a portrait was turned."""
+        s = torch.full_like(self.width, float(self.height))
+        return torch.where(self.turned, self.width, s), torch.where(self.turned, s, self.width)
+
+    def centre_square(self) -> torch.Tensor:
+        """n x 4 (top, left, height, width) in the photo's own orientation: the S x S that evaluation sees,
+        at buffer columns (W - S) // 2 onwards (transforms.prepare_wide puts it there)."""
+        s = float(self.height)
+        along = (self.buffer_width - self.height) // 2 - self.first
+        zero, side = torch.zeros_like(along), torch.full_like(along, s)
+        return torch.stack(
+            [torch.where(self.turned, along, zero), torch.where(self.turned, zero, along), side, side], 1
+        )
+
+    @property
+    def offset(self) -> torch.Tensor:
+        """The image centre's place relative to the buffer's centre, in pixels along the buffer's width."""
+        return self.first + self.width / 2 - self.buffer_width / 2
 
 
 def _uniform(low: float, high: float, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
@@ -66,16 +108,45 @@ class BatchAugment:
         return self.geometric or self.jitter or any(p > 0 for p in (a.hflip, a.vflip, a.grayscale, a.erase))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        wide = Wide.of(x) if x.shape[1] == 4 else None  # transforms.prepare_wide's training view
+        if wide is not None:
+            x = x[:, :3]
         x = x.float().div_(255) if x.dtype == torch.uint8 else x.float()
-        if len(x) == 0 or not self:
+        if len(x) == 0 or (not self and wide is None):
             return x
-        return self.apply(x, self.draw(len(x), x.shape[-2], x.shape[-1], x.device))
+        size = x.shape[-2]  # the output is S x S either way
+        d = self.draw(len(x), size, size, x.device, wide.source_size() if wide is not None else None)
+        if wide is not None and self.aug.scale is None:  # no crop: exactly the square `plain` cuts out
+            d.crop = wide.centre_square()
+        return self.apply(x, d, wide)
+
+    @staticmethod
+    def plain(x: torch.Tensor) -> torch.Tensor:
+        """The view evaluation sees: a wide training view's centre square, turned back (pixel for pixel what
+        transforms.prepare gives); anything else as it is."""
+        if x.shape[1] != 4:
+            return x
+        s, wide = x.shape[-2:]
+        c0 = (wide - s) // 2
+        square = x[:, :3, :, c0 : c0 + s]
+        turned = (x[:, 3].amax((1, 2)) == TURNED_MARK).view(-1, 1, 1, 1)
+        return torch.where(turned, square.transpose(-1, -2), square)
 
     # --------------------------------------------------------------------------------------------- draws
 
-    def draw(self, n: int, height: int, width: int, device: torch.device | str = "cpu") -> Draws:
+    def draw(
+        self,
+        n: int,
+        height: int,
+        width: int,
+        device: torch.device | str = "cpu",
+        source: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> Draws:
+        """Every random choice for n output images of height x width; crops are drawn from each image's own
+        `source` (heights, widths) when given (a wide view's photo), else from height x width."""
         a, dev = self.aug, torch.device(device)
-        crop = self._crop(n, height, width, dev)
+        full = torch.full((n,), float(height), device=dev), torch.full((n,), float(width), device=dev)
+        crop = self._crop(n, *(source if source is not None else full), dev)
         angle = _uniform(-a.rotate, a.rotate, (n,), dev) if a.rotate > 0 else torch.zeros(n, device=dev)
         shift = torch.randint(-a.pad, a.pad + 1, (n, 2), device=dev) if a.pad > 0 else torch.zeros(n, 2, device=dev)
         hflip = torch.rand(n, device=dev) < a.hflip
@@ -90,25 +161,23 @@ class BatchAugment:
         gray = torch.rand(n, device=dev) < a.grayscale
         return Draws(crop, angle, shift, hflip, vflip, factors, order, gray, self._erase(n, height, width, dev))
 
-    def _crop(self, n: int, height: int, width: int, dev: torch.device) -> torch.Tensor:
-        """RandomResizedCrop.get_params for n images at once: up to 10 tries of an area share and a log-uniform
-        aspect ratio; the first that fits the image wins, else the largest centred crop within the ratios."""
+    def _crop(self, n: int, height: torch.Tensor, width: torch.Tensor, dev: torch.device) -> torch.Tensor:
+        """RandomResizedCrop.get_params for n images at once (each its own height and width): up to 10 tries of
+        an area share and a log-uniform aspect ratio; the first that fits wins, else the largest centred crop
+        within the ratios. Without a crop: the centre square (a square image's whole)."""
         if self.aug.scale is None:
-            return torch.tensor([0, 0, height, width], device=dev, dtype=torch.float32).repeat(n, 1)
+            side = torch.minimum(height, width)
+            return torch.stack([((height - side) / 2).round(), ((width - side) / 2).round(), side, side], 1)
         (s0, s1), (r0, r1) = self.aug.scale, self.aug.ratio
-        area = height * width * _uniform(s0, s1, (n, ATTEMPTS), dev)
+        area = (height * width)[:, None] * _uniform(s0, s1, (n, ATTEMPTS), dev)
         aspect = torch.exp(_uniform(math.log(r0), math.log(r1), (n, ATTEMPTS), dev))
         w, h = (area * aspect).sqrt().round(), (area / aspect).sqrt().round()
-        pick, found = _first_fitting((w > 0) & (w <= width) & (h > 0) & (h <= height))
+        pick, found = _first_fitting((w > 0) & (w <= width[:, None]) & (h > 0) & (h <= height[:, None]))
         rows = torch.arange(n, device=dev)
         w, h = w[rows, pick], h[rows, pick]
         in_ratio = width / height  # the fallback: torchvision's centre crop
-        if in_ratio < r0:
-            fw, fh = float(width), float(round(width / r0))
-        elif in_ratio > r1:
-            fw, fh = float(round(height * r1)), float(height)
-        else:
-            fw, fh = float(width), float(height)
+        fw = torch.where(in_ratio < r0, width, torch.where(in_ratio > r1, (height * r1).round(), width))
+        fh = torch.where(in_ratio < r0, (width / r0).round(), height)
         w, h = torch.where(found, w, fw), torch.where(found, h, fh)
         top = torch.where(found, (torch.rand(n, device=dev) * (height - h + 1)).floor(), ((height - h) / 2).round())
         left = torch.where(found, (torch.rand(n, device=dev) * (width - w + 1)).floor(), ((width - w) / 2).round())
@@ -133,9 +202,9 @@ class BatchAugment:
 
     # --------------------------------------------------------------------------------------------- apply
 
-    def apply(self, x: torch.Tensor, d: Draws) -> torch.Tensor:
-        if self.geometric or bool(d.hflip.any()) or bool(d.vflip.any()):
-            x = self._geometry(x, d)
+    def apply(self, x: torch.Tensor, d: Draws, wide: Wide | None = None) -> torch.Tensor:
+        if self.geometric or bool(d.hflip.any()) or bool(d.vflip.any()) or wide is not None:
+            x = self._geometry(x, d, wide)
         if self.jitter:
             x = self._jitter(x, d.factors, d.order)
         if bool(d.gray.any()):
@@ -145,26 +214,35 @@ class BatchAugment:
             x = self._erase_rectangles(x, d.erase)
         return x
 
-    def _geometry(self, x: torch.Tensor, d: Draws) -> torch.Tensor:
+    def _geometry(self, x: torch.Tensor, d: Draws, wide: Wide | None = None) -> torch.Tensor:
         """Rotate the image about its centre, crop the window, shift, mirror: one affine map from output to input
-        coordinates (normalised, align_corners=False), sampled once for the batch."""
-        height, width = x.shape[-2:]
+        coordinates, sampled once for the batch (align_corners=False). Worked out in pixels about the image's
+        centre, so a wide view's non-square buffer and turned portraits need nothing but their own offset."""
+        n, size = len(x), x.shape[-2]
         top, left, h, w = d.crop.unbind(1)
-        sx, sy = w / width, h / height  # the window's half-size in normalised units
-        cx = (left + w / 2) / width * 2 - 1
-        cy = (top + h / 2) / height * 2 - 1
-        tx, ty = d.shift[:, 1] * 2 / width * sx, d.shift[:, 0] * 2 / height * sy  # a pad-crop shift, in the window
-        ox, oy = cx + tx, cy + ty  # output (0, 0) looks here, before the rotation
-        mx = torch.where(d.hflip, -1.0, 1.0) * sx
-        my = torch.where(d.vflip, -1.0, 1.0) * sy
+        if wide is None:
+            src_h = src_w = torch.full((n,), float(size), device=x.device)
+        else:
+            src_h, src_w = wide.source_size()
+        # the window's centre relative to the image's, in pixels, with a pad-crop shift (output pixels, scaled)
+        ox = left + w / 2 - src_w / 2 + d.shift[:, 1] * w / size
+        oy = top + h / 2 - src_h / 2 + d.shift[:, 0] * h / size
+        mx = torch.where(d.hflip, -1.0, 1.0) * w / 2
+        my = torch.where(d.vflip, -1.0, 1.0) * h / 2
         rad = d.angle * math.pi / 180
         cos, sin = rad.cos(), rad.sin()
-        # input = R(-angle) @ ((ox, oy) + diag(mx, my) @ output): rotate the image, then take the window
-        theta = torch.stack([
+        # source pixel = R(-angle) @ ((ox, oy) + diag(mx, my) @ output): rotate the image, then take the window
+        rows = [
             torch.stack([cos * mx, sin * my, cos * ox + sin * oy], 1),
             torch.stack([-sin * mx, cos * my, -sin * ox + cos * oy], 1),
-        ], 1)  # fmt: skip
-        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+        ]
+        width = x.shape[-1]
+        if wide is not None:  # a turned portrait's source x is the buffer's y; then the image's place in it
+            turned = wide.turned.view(-1, 1)
+            rows = [torch.where(turned, rows[1], rows[0]), torch.where(turned, rows[0], rows[1])]
+            rows[0] = rows[0] + torch.stack([torch.zeros_like(ox), torch.zeros_like(ox), wide.offset], 1)
+        theta = torch.stack([rows[0] * 2 / width, rows[1] * 2 / size], 1)  # pixels -> normalised
+        grid = F.affine_grid(theta, [n, 3, size, size], align_corners=False)
         padding = "reflection" if self.aug.pad > 0 else "zeros"
         return F.grid_sample(x, grid, mode="bilinear", padding_mode=padding, align_corners=False)
 

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from imgtune.images import ImageError, Source, load_rgb
 from imgtune.layouts import DataError, Sample
-from imgtune.transforms import Preprocessing, prepare
+from imgtune.transforms import Preprocessing, prepare, prepare_wide, wide_width
 
 log = logging.getLogger(__name__)
 
@@ -44,9 +44,11 @@ def load_class_names(path: Path, classes: Sequence[str]) -> list[str]:
 # ----------------------------------------------------------------------------------------------- loading
 
 
-def decode_prepared(path: Source, prep: Preprocessing) -> torch.Tensor:
-    """The one deterministic path from a file to model-ready uint8 pixels (train, eval, predict, serve)."""
-    return prepare(load_rgb(path, draft_size=prep.img_size), prep)
+def decode_prepared(path: Source, prep: Preprocessing, wide: float | None = None) -> torch.Tensor:
+    """The one deterministic path from a file to model-ready uint8 pixels (train, eval, predict, serve); with
+    `wide`, the training view around them (transforms.prepare_wide)."""
+    image = load_rgb(path, draft_size=prep.img_size)
+    return prepare(image, prep) if wide is None else prepare_wide(image, prep, wide)
 
 
 @dataclass
@@ -56,21 +58,23 @@ class Skipped:
 
 
 def decode_many(
-    paths: Sequence[Path], prep: Preprocessing, threads: int | None = None
+    paths: Sequence[Path], prep: Preprocessing, threads: int | None = None, wide: float | None = None
 ) -> tuple[torch.Tensor, list[int], list[Skipped]]:
-    """Decode and prepare all paths into one N x 3 x S x S uint8 tensor (RAM cache).
+    """Decode and prepare all paths into one N x 3 x S x S uint8 tensor (RAM cache); with `wide`, N x 4 x S x W
+    training views (transforms.prepare_wide).
 
     Returns (images, indices of the paths that decoded, skipped files with reasons).
     Threads overlap well here: Pillow and torchvision resize release the GIL.
     """
     s = prep.img_size
-    images = torch.empty((len(paths), 3, s, s), dtype=torch.uint8)
+    shape = (3, s, s) if wide is None else (4, s, wide_width(s, wide))
+    images = torch.empty((len(paths), *shape), dtype=torch.uint8)
     ok: list[int] = []
     skipped: list[Skipped] = []
 
     def work(i: int) -> tuple[int, ImageError | None]:
         try:
-            images[i] = decode_prepared(paths[i], prep)
+            images[i] = decode_prepared(paths[i], prep, wide)
             return i, None
         except ImageError as e:
             return i, e
@@ -99,12 +103,14 @@ class ImageDataset(Dataset[tuple[torch.Tensor, int] | None]):
         samples: Sequence[Sample],
         prep: Preprocessing,
         cache: torch.Tensor | None = None,
+        wide: float | None = None,
     ) -> None:
         if cache is not None and len(cache) != len(samples):
             raise ValueError("cache and samples differ in length")
         self.samples = list(samples)
         self.prep = prep
         self.cache = cache
+        self.wide = wide  # training views wider than the centre square (data.train_aspect)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -115,7 +121,7 @@ class ImageDataset(Dataset[tuple[torch.Tensor, int] | None]):
             img = self.cache[i]
         else:
             try:
-                img = decode_prepared(s.path, self.prep)
+                img = decode_prepared(s.path, self.prep, self.wide)
             except ImageError as e:
                 log.warning("skipped unreadable image %s: %s", e.path, e.reason)
                 return None
@@ -143,13 +149,15 @@ def available_memory() -> int:
         return 4 << 30
 
 
-def should_cache(mode: str, n_images: int, img_size: int, budget_fraction: float = 0.3) -> bool:
+def should_cache(
+    mode: str, n_images: int, img_size: int, budget_fraction: float = 0.3, bytes_per_image: int | None = None
+) -> bool:
     """auto: cache when the uint8 tensors take under 30% of the memory available now."""
     if mode == "ram":
         return True
     if mode == "none":
         return False
-    return n_images * 3 * img_size * img_size < budget_fraction * available_memory()
+    return n_images * (bytes_per_image or 3 * img_size * img_size) < budget_fraction * available_memory()
 
 
 def default_workers(cached: bool, device: torch.device) -> int:

@@ -165,7 +165,8 @@ def _stage1_features(wb: Workbench, run_path: Path | None) -> tuple[FeatureStore
     store: FeatureStore | None = None
     path: Path | None = None
     for view in range(k):  # view 0 as evaluated, then augmented ones
-        f, y = extract_features(wb.model, batches(), wb.device, dtype, transform=wb.augment if view > 0 else None)
+        transform = wb.augment if view > 0 else wb.augment.plain  # plain: a wide view's centre square
+        f, y = extract_features(wb.model, batches(), wb.device, dtype, transform=transform)
         f = d.gather_cat(f.half())
         if store is None:  # the size is known once view 0 is in (unreadable files are left out)
             where = cfg.train.feature_store

@@ -88,3 +88,36 @@ def prepare(image: torch.Tensor, prep: Preprocessing) -> torch.Tensor:
     if image.shape[-2:] != (s, s):
         image = F.center_crop(image, [s, s])
     return image
+
+
+# ------------------------------------------------------------------------------- the wider training view
+
+WIDE_MARK, TURNED_MARK = 255, 128  # channel 3 of a wide view: the image's pixels (128: a turned portrait)
+
+
+def wide_width(img_size: int, aspect: float) -> int:
+    return max(img_size, round(img_size * aspect))
+
+
+def prepare_wide(image: torch.Tensor, prep: Preprocessing, aspect: float) -> torch.Tensor:
+    """The training view for crops that may reach past the centre square (data.train_aspect): uint8
+    4 x S x W, W = aspect x S. The shorter side is resized to S as `prepare` does; a portrait is turned on its
+    side so its long axis runs along W; the image is placed so that columns (W - S) // 2 .. + S hold exactly
+    the centre square `prepare` gives, and as much of the long side as fits around it. Channel 3 marks the
+    image's pixels (255, or 128 for a turned portrait) against the black padding of a narrower image, so the
+    batch augmentation knows each image's extent and orientation without another tensor."""
+    from torchvision.transforms.v2 import functional as F
+
+    s, wide = prep.img_size, wide_width(prep.img_size, aspect)
+    if min(image.shape[-2:]) != s:
+        image = F.resize(image, [s], interpolation=prep.mode, antialias=True)
+    turned = image.shape[-2] > image.shape[-1]
+    if turned:  # after the resize: its pixels must be `prepare`'s
+        image = image.transpose(-1, -2)
+    width = image.shape[-1]
+    start = (wide - s) // 2 - round((width - s) / 2.0)  # where `prepare`'s centre crop puts its left edge
+    lo, hi = max(0, start), min(wide, start + width)
+    out = torch.zeros((4, s, wide), dtype=torch.uint8)
+    out[:3, :, lo:hi] = image[:, :, lo - start : hi - start]
+    out[3, :, lo:hi] = TURNED_MARK if turned else WIDE_MARK
+    return out

@@ -35,7 +35,7 @@ from imgtune.optim import OptimSettings
 from imgtune.rng import seed_everything
 from imgtune.runtime import pick_device, probe_batch_size, training_dtype
 from imgtune.tracking import MONITORS
-from imgtune.transforms import Preprocessing
+from imgtune.transforms import Preprocessing, wide_width
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +129,7 @@ def prepare(cfg: Config, *, load_pretrained: bool = True, split_file: Path | Non
         pretrained_start=(cfg.model.pretrained and has_pretrained_weights(cfg.model.name))
         or cfg.model.weights is not None,
         train_samples=train_samples, valid_samples=valid_samples, skipped=skipped,
-        train_plain=ImageDataset(train_samples, prep, train_cache),
+        train_plain=ImageDataset(train_samples, prep, train_cache, train_view(cfg)),
         augment=BatchAugment(cfg.data.aug),
         valid_loader=make_loader(valid_ds, eval_batch, shuffle=False, workers=workers,
                                  pin_memory=device.type == "cuda"),
@@ -138,6 +138,14 @@ def prepare(cfg: Config, *, load_pretrained: bool = True, split_file: Path | Non
         display_names=load_class_names(names, split.classes) if names else list(split.classes),
         lr_factor={"none": 1.0, "linear": float(d.world), "sqrt": math.sqrt(d.world)}[tcfg.lr_scaling],
     )  # fmt: skip
+
+
+def train_view(cfg: Config) -> float | None:
+    """data.train_aspect's wide training views, where they change anything: centre-cropped photos, random
+    resized crops. None: the training images are cached as evaluation sees them."""
+    dcfg = cfg.data
+    use = dcfg.resize == "crop" and dcfg.aug.scale is not None and dcfg.train_aspect > 1
+    return dcfg.train_aspect if use else None
 
 
 def body(cfg: Config) -> Body:
@@ -151,17 +159,20 @@ def _decode(cfg: Config, split: Split, prep: Preprocessing, d: Dist) -> tuple[An
     dcfg = cfg.data
     train_samples, valid_samples = split.train, split.valid
     budget = 0.3 / d.local_world  # each process on a machine holds its own copy
-    if not should_cache(dcfg.cache, len(train_samples) + len(valid_samples), dcfg.img_size, budget):
+    wide = train_view(cfg)
+    per_image = 3 * dcfg.img_size**2 if wide is None else 4 * dcfg.img_size * wide_width(dcfg.img_size, wide)
+    if not should_cache(dcfg.cache, len(train_samples) + len(valid_samples), dcfg.img_size, budget, per_image):
         return train_samples, valid_samples, [], None, None
     t0 = time.perf_counter()
-    train_cache, ok, skipped = decode_many([s.path for s in train_samples], prep)
+    train_cache, ok, skipped = decode_many([s.path for s in train_samples], prep, wide=wide)
     train_samples = [train_samples[i] for i in ok]
     valid_cache, ok, more = decode_many([s.path for s in valid_samples], prep)
     valid_samples = [valid_samples[i] for i in ok]
     log.info(
-        "cached %d images at %dx%d in RAM (%.0f MB) in %.1f s",
+        "cached %d images at %dx%d in RAM (%.0f MB) in %.1f s%s",
         len(train_samples) + len(valid_samples), dcfg.img_size, dcfg.img_size,
         (train_cache.numel() + valid_cache.numel()) / 1e6, time.perf_counter() - t0,
+        "" if wide is None else f"; training images as {train_cache.shape[-1]}-wide views (data.train_aspect)",
     )  # fmt: skip
     return train_samples, valid_samples, skipped + more, train_cache, valid_cache
 
