@@ -115,8 +115,8 @@ def main() -> None:
                "epochs_run": s.get("epochs_run"), "best_epoch": s.get("best_epoch"),
                "best_valid_acc": s.get("best_valid_acc"), "test_acc": s.get("test_acc"),
                "monitor": s.get("monitor")}  # fmt: skip
-        if name == "food11":
-            sub = args.work / "submission.csv"
+        if data == food:  # the evaluation folder is unlabelled: score a submission against the hidden labels
+            sub = args.work / f"submission-{name}.csv"
             run([imgtune, "predict", str(run_dir), str(food / "evaluation"), "--format", "submission",
                  "--columns", "Id,Category", "--out", str(sub)])  # fmt: skip
             with open(sub) as f:

@@ -9,10 +9,12 @@ that leaves it - and renames it to OUT when complete, so an interrupted conversi
 
 from __future__ import annotations
 
+import gzip
 import json
 import logging
 import shutil
 import tarfile
+import zlib
 from collections.abc import Callable, Collection, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -128,7 +130,7 @@ def _extract(archive: Path, into: Path, place: Callable[[tuple[str, ...]], Path 
                 with tar.extractfile(member) as src, open(target, "wb") as dst:  # type: ignore[union-attr]
                     shutil.copyfileobj(src, dst)
                 written += 1
-    except (tarfile.TarError, EOFError, OSError) as e:
+    except (tarfile.TarError, EOFError, gzip.BadGzipFile, zlib.error) as e:  # a full disk says so itself
         raise SourceError(f"{archive}: not a readable .tgz archive ({type(e).__name__}: {e})") from None
     return written
 
