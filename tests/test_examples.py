@@ -32,7 +32,12 @@ def test_there_are_examples() -> None:
     }  # fmt: skip
 
 
-@pytest.mark.parametrize("example", EXAMPLES, ids=lambda p: p.stem)
+# seed001..seed004 train in their tutorials' own layouts in test_tutorials.py; seed000 there runs on the offline
+# backbone, so its VGG16 cut after fc6 takes its step here
+STEPPED = [p for p in EXAMPLES if not p.stem.startswith(("seed001", "seed002", "seed003", "seed004"))]
+
+
+@pytest.mark.parametrize("example", STEPPED, ids=lambda p: p.stem)
 def test_example_config_takes_a_step(example: Path, data: Path, tmp_path: Path) -> None:
     overrides = {
         "data.path": data,
