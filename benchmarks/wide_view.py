@@ -81,8 +81,8 @@ def main() -> None:
     mean = {a: float(np.mean([r["best_valid_acc"] for r in rows if r["train_aspect"] == a])) for a in (1.0, 1.33)}
     lines = ["# data.train_aspect on a photo-like folder", "", f"Machine: {cpu}. {len(PHOTOS)} classes, "
              f"{args.per_class} training / {args.per_class // 2} validation pictures per class; tf_efficientnet_lite0 "
-             "(offline ImageNet weights), 64 px, --augment strong (random resized crops of 35-100%), 10 head epochs "
-             "on cached features then 4 fine-tuning epochs on augmented crops.", "",
+             "(offline ImageNet weights), 64 px, --augment strong (random resized crops of 30-100% of the area), "
+             "10 head epochs on cached features then 4 fine-tuning epochs on augmented crops.", "",
              "| train_aspect | seed | best valid acc | best epoch | wall s |", "|---|---|---|---|---|"]  # fmt: skip
     lines += [
         f"| {r['train_aspect']} | {r['seed']} | {r['best_valid_acc']} | {r['best_epoch']} | {r['wall_s']} |"
