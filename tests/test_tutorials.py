@@ -130,3 +130,5 @@ def test_cifar10_pickles_no_validation_split_plateau_on_the_training_loss(tmp_pa
     with open(tmp_path / "run" / "metrics.csv") as f:
         lrs = [float(r["lr"]) for r in csv.DictReader(f)]
     assert lrs == [pytest.approx(0.1)]  # SGD at 0.1: the plateau schedule cuts only after 5 stale epochs
+    rows = predict(tmp_path / "run", str(tmp_path / "cifar" / "test" / "class3"))
+    assert len(rows) == 3 and {r["label"] for r in rows} <= {f"class{i}" for i in range(10)}
