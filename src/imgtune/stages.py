@@ -159,7 +159,9 @@ def _stage1_features(wb: Workbench, run_path: Path | None) -> tuple[FeatureStore
         own_cache, own_labels = cache[d.rank :: d.world], torch.tensor([x.label for x in own])
         batches = lambda: tensor_batches(own_cache, own_labels, batch, shuffle=False)  # noqa: E731
     else:
-        loader = make_loader(ImageDataset(own, wb.prep), batch, shuffle=False, workers=wb.workers)
+        loader = make_loader(
+            ImageDataset(own, wb.prep, None, wb.train_plain.wide), batch, shuffle=False, workers=wb.workers
+        )
         batches = lambda: loader  # noqa: E731
     k = cfg.train.feature_views
     store: FeatureStore | None = None
