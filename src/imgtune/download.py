@@ -27,9 +27,14 @@ class DownloadError(UserError, OSError):
     """A download failed; the message names the URL, what went wrong and how to go on."""
 
 
+def cache_root() -> Path:
+    """imgtune's cache of downloaded data: $IMGTUNE_CACHE (default ~/.cache/imgtune)."""
+    return Path(os.environ.get("IMGTUNE_CACHE", Path.home() / ".cache" / "imgtune"))
+
+
 def cache_dir() -> Path:
     """Where downloads are kept between runs: $IMGTUNE_CACHE/downloads (default ~/.cache/imgtune/downloads)."""
-    return Path(os.environ.get("IMGTUNE_CACHE", Path.home() / ".cache" / "imgtune")) / "downloads"
+    return cache_root() / "downloads"
 
 
 def file_md5(path: Path, start: hashlib._Hash | None = None) -> str:

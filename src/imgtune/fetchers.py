@@ -28,7 +28,7 @@ from imgtune.files import atomic_write_text
 from imgtune.layouts import CLASS_NAMES_FILE
 from imgtune.matfile import load_mat
 from imgtune.progress import Progress
-from imgtune.sources import MARKER, SourceError
+from imgtune.sources import MARKER, SourceError, already_written
 
 log = logging.getLogger(__name__)
 
@@ -87,17 +87,8 @@ def obtain(
 
 
 def _done(out: Path, params: dict[str, object]) -> Fetched | None:
-    """What OUT holds when it already has exactly this conversion; an error when it holds anything else."""
-    marker = out / MARKER
-    if marker.is_file():
-        done = json.loads(marker.read_text())
-        if done.get("params") == params:
-            log.info("%s already holds %s; nothing to do", out, params["dataset"])
-            return Fetched(out, done["counts"])
-        raise SourceError(f"{out} holds a different conversion ({done.get('params')}); use another OUT")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise SourceError(f"{out}: exists and is not empty; choose a new folder")
-    return None
+    counts = already_written(out, params)
+    return None if counts is None else Fetched(out, counts)
 
 
 @contextmanager

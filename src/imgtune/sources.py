@@ -25,6 +25,7 @@ from typing import Any, ClassVar
 import numpy as np
 from PIL import Image
 
+from imgtune.download import cache_root
 from imgtune.errors import UserError
 from imgtune.files import atomic_write_text
 
@@ -81,7 +82,7 @@ def fashion_mnist_source(source: Path | None, download: bool) -> Path:
         return Path(source)
     if (FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz").is_file():
         return FASHION_MNIST_DIR
-    cache = Path(os.environ.get("IMGTUNE_CACHE", Path.home() / ".cache" / "imgtune")) / "fashion-mnist"
+    cache = cache_root() / "fashion-mnist"
     raw = cache / "FashionMNIST" / "raw"
     if (raw / "train-images-idx3-ubyte.gz").is_file() or (raw / "train-images-idx3-ubyte").is_file():
         return raw
@@ -128,7 +129,9 @@ class Arrays:
     origin: str
 
 
-def _already_written(out: Path, params: dict[str, Any]) -> dict[str, int] | None:
+def already_written(out: Path, params: dict[str, Any]) -> dict[str, int] | None:
+    """OUT's image counts when it already holds exactly this selection or conversion (a repeat is a no-op);
+    an error when it holds another one or anything else; None when OUT is free."""
     marker = out / MARKER
     if marker.is_file():
         done = json.loads(marker.read_text())
@@ -136,8 +139,8 @@ def _already_written(out: Path, params: dict[str, Any]) -> dict[str, int] | None
             log.info("%s already holds this %s selection; nothing to do", out, params["dataset"])
             counts: dict[str, int] = done["counts"]
             return counts
-        raise SourceError(f"{out} holds a different selection ({done.get('params')}); use another OUT")
-    if out.exists() and any(out.iterdir()):
+        raise SourceError(f"{out} holds a different conversion ({done.get('params')}); use another OUT")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):  # a file named OUT included
         raise SourceError(f"{out}: exists and is not empty; choose a new folder")
     return None
 
@@ -181,7 +184,7 @@ def convert(
     else read the arrays (only then: it may download) and write the folders."""
     out = Path(out)
     params = {"dataset": dataset, "per_class": per_class, "valid_per_class": valid_per_class, "seed": seed}
-    done = _already_written(out, params)
+    done = already_written(out, params)
     if done is not None:
         return done
     return write_folders(out, read(), params, per_class, valid_per_class, seed)
@@ -294,7 +297,7 @@ def cifar_source(which: str, source: Path | None, download: bool) -> Path:
     if source is not None:
         return Path(source)
     folder = _CIFAR[which][0]
-    cache = Path(os.environ.get("IMGTUNE_CACHE", Path.home() / ".cache" / "imgtune")) / which
+    cache = cache_root() / which
     if (cache / folder).is_dir():
         return cache / folder
     if not download:
