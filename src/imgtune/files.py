@@ -35,7 +35,9 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
+    """UTF-8, except that file names which were not UTF-8 on disk (Python keeps their bytes as surrogates)
+    are written back as the same bytes, so a CSV of paths still names the files it lists."""
+    atomic_write_bytes(path, text.encode("utf-8", "surrogateescape"))
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import io
+import logging
 import os
 import random
 import re
@@ -23,6 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from imgtune.errors import UserError
+
+log = logging.getLogger(__name__)
 
 SPLIT_NAMES = {"train": ("train", "training"), "valid": ("valid", "val", "validation"),
                "test": ("test", "testing", "evaluation")}  # fmt: skip
@@ -118,12 +121,22 @@ def _csv_line(values: Sequence[str]) -> str:
     return buf.getvalue()
 
 
-def natural_key(text: str) -> list[object]:
-    """Sort "2" before "10" and "class2" before "class10"; case-insensitive, stable for ties."""
-    parts: list[object] = []
-    for chunk in re.split(r"(\d+)", text):
-        parts.append((0, int(chunk), "") if chunk.isdigit() else (1, 0, chunk.lower()))
-    return [*parts, text]
+def natural_key(text: str) -> tuple[tuple[tuple[int, int, str], ...], str]:
+    """Sort "2" before "10" and "class2" before "class10"; case-insensitive, ties broken by the exact text.
+    Every chunk is a (kind, number, text) triple, and the tie-break sits outside the chunks, so any two names
+    compare (`cat` against `cat2` is a shorter tuple against a longer one, never a str against a tuple)."""
+    chunks = tuple(
+        (0, int(chunk), chunk) if i % 2 else (1, 0, chunk.casefold())  # odd chunks are the runs of ASCII digits
+        for i, chunk in enumerate(re.split(r"([0-9]+)", text))
+    )
+    return chunks, text
+
+
+def readable(name: str) -> str:
+    """A file or folder name as text that people, fonts and JSON encoders take: bytes that were not UTF-8 on
+    disk (which Python keeps as lone surrogates) become U+FFFD. For display only; files are matched by the
+    exact name."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
 def is_hidden(name: str) -> bool:
@@ -131,10 +144,26 @@ def is_hidden(name: str) -> bool:
 
 
 def list_files(folder: Path) -> list[Path]:
-    """Every non-hidden file below folder (recursively), naturally sorted; hidden folders are skipped."""
+    """Every non-hidden file below folder (recursively), naturally sorted; hidden folders are skipped.
+    Linked folders are followed (datasets are often assembled from links), each real folder once, so a link
+    that points back up ends there instead of looping; a folder that cannot be read is reported, not fatal."""
     found: list[Path] = []
-    for dirpath, dirnames, filenames in os.walk(folder):
-        dirnames[:] = [d for d in dirnames if not is_hidden(d)]
+    seen: set[tuple[int, int]] = set()
+
+    def unreadable(e: OSError) -> None:
+        log.warning("%s: cannot read this folder (%s); its files are left out", e.filename, e.strerror)
+
+    for dirpath, dirnames, filenames in os.walk(folder, onerror=unreadable, followlinks=True):
+        try:
+            st = os.stat(dirpath)
+        except OSError as e:  # removed or cut off since it was listed
+            unreadable(e)
+            continue
+        if (st.st_dev, st.st_ino) in seen:
+            dirnames[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        dirnames[:] = [d for d in dirnames if not is_hidden(d) and not _is_link_loop(Path(dirpath) / d)]
         found.extend(Path(dirpath) / f for f in filenames if not is_hidden(f))
     return sorted(found, key=lambda p: natural_key(p.as_posix()))
 
@@ -166,7 +195,7 @@ def scan_folder(folder: Path, rule: LabelRule = LabelRule()) -> FolderScan:
             (classes.setdefault(label, []) if label is not None else loose).append(path)
         return FolderScan(folder, {c: classes[c] for c in sorted(classes, key=natural_key)}, loose)
     classes, loose = {}, []
-    for entry in sorted(folder.iterdir(), key=lambda p: natural_key(p.name)):
+    for entry in sorted(entries(folder), key=lambda p: natural_key(p.name)):
         if is_hidden(entry.name):
             continue
         if entry.is_dir():
@@ -176,11 +205,33 @@ def scan_folder(folder: Path, rule: LabelRule = LabelRule()) -> FolderScan:
     return FolderScan(folder, classes, loose)
 
 
+def _is_link_loop(folder: Path) -> bool:
+    """A linked folder that points at itself or a folder above it: following it would list its parent again."""
+    if not folder.is_symlink():
+        return False
+    try:
+        target = folder.resolve(strict=True)
+    except (OSError, RuntimeError):  # a dangling link, or a chain of links that loops on itself
+        log.warning("%s: a link that leads nowhere; not followed", folder)
+        return True
+    if folder.parent.resolve().is_relative_to(target):
+        log.warning("%s: links back to %s, a folder above it; not followed", folder, target)
+        return True
+    return False
+
+
+def entries(folder: Path) -> list[Path]:
+    try:
+        return list(folder.iterdir())
+    except OSError as e:
+        raise DataError(f"{folder}: cannot read this folder ({e.strerror})") from None
+
+
 def find_split_folders(root: Path) -> dict[str, Path]:
     """Which of train/valid/test exist under root, under any of their names (case-insensitive)."""
     if not root.is_dir():
         raise DataError(f"{root}: not a folder (expected a dataset folder of images)")
-    by_lower = {p.name.lower(): p for p in root.iterdir() if p.is_dir() and not is_hidden(p.name)}
+    by_lower = {p.name.lower(): p for p in entries(root) if p.is_dir() and not is_hidden(p.name)}
     found: dict[str, Path] = {}
     for split, names in SPLIT_NAMES.items():
         present = [by_lower[n] for n in names if n in by_lower]

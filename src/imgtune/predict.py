@@ -23,7 +23,7 @@ from imgtune.data import decode_prepared
 from imgtune.errors import UserError
 from imgtune.files import atomic_write_text
 from imgtune.images import ImageError
-from imgtune.layouts import DataError, list_files, natural_key
+from imgtune.layouts import DataError, list_files, natural_key, readable
 from imgtune.metrics import EvalResult, compute_metrics
 from imgtune.models import Classifier, model_from_checkpoint
 from imgtune.runtime import autocast, inference_dtype, pick_device, tune_allocator
@@ -136,7 +136,7 @@ class Predictor:
     def __init__(self, prep: Preprocessing, classes: list[str], display_names: list[str] | None = None) -> None:
         # classes: the folder names (what data is matched by); display_names: what people read
         self.prep, self.classes = prep, classes
-        self.display_names = display_names or list(classes)
+        self.display_names = [readable(n) for n in display_names or classes]
         self.checkpoint: dict[str, Any] = {}
         self.backend = "none"
         self.temperature = 1.0  # temperature scaling fitted with --calibrate (in the checkpoint)

@@ -25,6 +25,7 @@ import matplotlib.pyplot as plt
 import torch
 
 from imgtune.files import atomic_write_bytes, atomic_write_text
+from imgtune.layouts import readable
 from imgtune.metrics import EvalResult
 from imgtune.tracking import METRIC_COLUMNS, MONITORS
 
@@ -142,7 +143,7 @@ def caption(true: str, predicted: str, confidence: float) -> str:
             lines.append(suffix.strip())
         return "\n".join(lines)
 
-    return fit("true", true) + "\n" + fit("pred", predicted, f" {confidence:.2f}")
+    return fit("true", readable(true)) + "\n" + fit("pred", readable(predicted), f" {confidence:.2f}")
 
 
 def _gallery(images: Sequence[torch.Tensor], captions: Sequence[str], colours: Sequence[str], out: Path) -> Path:
@@ -201,7 +202,7 @@ def plot_augmented(
         item = dataset[i]
         if item is not None:
             images.append(item[0])
-            captions.append(classes[item[1]])
+            captions.append(readable(classes[item[1]]))
     if not images:
         return None
     batch = torch.stack(images)

@@ -29,7 +29,7 @@ from imgtune.data import (
     should_cache,
 )
 from imgtune.distributed import Dist, current
-from imgtune.layouts import DataError, Sample, Split, class_names_file, load_split
+from imgtune.layouts import DataError, Sample, Split, class_names_file, load_split, readable
 from imgtune.models import Body, Classifier, create_model, has_pretrained_weights
 from imgtune.optim import OptimSettings
 from imgtune.rng import seed_everything
@@ -135,7 +135,7 @@ def prepare(cfg: Config, *, load_pretrained: bool = True, split_file: Path | Non
                                  pin_memory=device.type == "cuda"),
         workers=workers, generator=torch.Generator().manual_seed(cfg.seed + d.rank), class_weights=class_weights,
         eval_batch=eval_batch,
-        display_names=load_class_names(names, split.classes) if names else list(split.classes),
+        display_names=load_class_names(names, split.classes) if names else [readable(c) for c in split.classes],
         lr_factor={"none": 1.0, "linear": float(d.world), "sqrt": math.sqrt(d.world)}[tcfg.lr_scaling],
     )  # fmt: skip
 
