@@ -104,3 +104,50 @@ def test_a_version_1_run_loads_and_resumes_and_a_newer_file_says_upgrade(
     torch.save(newer, tmp_path / "newer.pt")
     with pytest.raises(CheckpointError, match=r"newer imgtune .*upgrade imgtune"):
         load_checkpoint(tmp_path / "newer.pt")
+
+
+WRITER = """
+import dataclasses, sys, torch
+sys.path.insert(0, sys.argv[2])
+from conftest import blank_checkpoint
+from imgtune.checkpoint import save_checkpoint
+for i in range(int(sys.argv[3])):
+    save_checkpoint(sys.argv[1], dataclasses.replace(blank_checkpoint(), epoch=i,
+                    state_dict={"w": torch.full((500_000,), float(i))}))
+"""
+
+
+def test_readers_always_get_a_whole_best_pt_while_training_replaces_it(tmp_path: Path) -> None:
+    """Another process rewrites best.pt 150 times (2 MB each) while this one loads it, as predict and eval do
+    beside a running train: every load sees one whole checkpoint, old or new, never a mix or a cut file."""
+    import subprocess
+    import sys
+
+    best = tmp_path / "checkpoints" / "best.pt"
+    save_checkpoint(best, dataclasses.replace(blank_checkpoint(), state_dict={"w": torch.full((500_000,), -1.0)}))
+    tests = str(Path(__file__).parent)
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(best), tests, "150"])
+    loads, epochs = 0, set()
+    try:
+        while writer.poll() is None and loads < 5000:
+            ckpt = load_checkpoint(best)
+            w = ckpt.state_dict["w"]
+            assert bool((w == w[0]).all()) and (float(w[0]) == ckpt.epoch or ckpt.epoch == 0)
+            epochs.add(ckpt.epoch)
+            loads += 1
+    finally:
+        writer.wait(timeout=120)
+    assert writer.returncode == 0
+    assert len(epochs) > 5, "the reader never saw the file change: nothing was raced"
+    assert load_checkpoint(best).epoch == 149
+
+
+def test_damaged_checkpoints_name_the_file_and_what_to_do(tmp_path: Path) -> None:
+    folder = tmp_path / "run" / "checkpoints"
+    for name, hint in (("best.pt", "last.pt"), ("last.pt", "--resume")):
+        path = folder / name
+        save_checkpoint(path, dataclasses.replace(blank_checkpoint(), state_dict={"w": torch.ones(10_000)}))
+        path.write_bytes(path.read_bytes()[:20_000])
+        with pytest.raises(CheckpointError, match="damaged or truncated") as err:
+            load_checkpoint(path)
+        assert str(path) in str(err.value) and hint in str(err.value)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import random
 import signal
@@ -205,3 +206,62 @@ def test_repeated_sigkill_at_random_moments_then_resume_is_exact(data: Path, ref
     ref, got = _weights(reference / "checkpoints" / "best.pt"), _weights(out / "checkpoints" / "best.pt")
     assert all(torch.equal(ref[k], got[k]) for k in ref)
     print(f"temporary checkpoint files left by kills: {leftovers_seen}")
+
+
+@pytest.mark.slow
+def test_a_run_folder_has_one_writer_at_a_time(data: Path, tmp_path: Path) -> None:
+    """Two trains started together with one --out, and a --resume from a second terminal while it runs: one
+    process writes the folder, the others exit 2 at once naming it, and the writer finishes untouched."""
+    out = tmp_path / "run"
+    args = _args(data, out)
+    args[args.index("--epochs") + 1] = "30"  # long enough for the others to start while it trains
+    procs = [subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    deadline = time.monotonic() + 300
+    while not (out / "run.lock").is_file() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    holder = None
+    while holder is None and time.monotonic() < deadline:  # the record is written just after the lock is taken
+        text = (out / "run.lock").read_text() if (out / "run.lock").is_file() else ""
+        holder = int(json.loads(text)["pid"]) if text.strip() else None
+    assert holder in {p.pid for p in procs}
+    started = time.monotonic()
+    second = subprocess.run([sys.executable, "-m", "imgtune", "train", "--resume", str(out)],
+                            capture_output=True, text=True, timeout=120)  # fmt: skip
+    results = {p.pid: (p.wait(timeout=600), p.stderr.read() if p.stderr else "") for p in procs}
+    assert second.returncode == 2, second.stderr[-2000:]
+    assert f"pid {holder}" in second.stderr and "another imgtune process is writing" in second.stderr
+    assert second.stderr.count("\n") <= 2 and "Traceback" not in second.stderr
+    (loser,) = [pid for pid in results if pid != holder]
+    assert results[loser][0] == 2 and f"pid {holder}" in results[loser][1], results[loser][1][-2000:]
+    assert results[holder][0] == 0, results[holder][1][-2000:]
+    assert time.monotonic() - started > 1  # the resume was refused while the writer still ran
+    assert [int(r["epoch"]) for r in _rows(out)] == list(range(1, len(_rows(out)) + 1))  # one writer's rows
+    assert (out / "summary.json").is_file() and not (out / "run.lock").exists()
+
+
+@pytest.mark.slow
+def test_a_stale_lock_is_taken_over_and_a_damaged_last_pt_falls_back_to_the_one_before(
+    data: Path, reference: Path, tmp_path: Path
+) -> None:
+    """SIGKILL leaves run.lock behind with a dead PID, and last.pt is then cut short (a copy that failed, a
+    disk that lied): the resume says both, takes over the lock, restarts from last.prev.pt and still ends
+    exactly like the uninterrupted run."""
+    out = tmp_path / "run"
+    proc = _start_and_wait(data, out, rows=5)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert json.loads((out / "run.lock").read_text())["pid"] == proc.pid
+    last = out / "checkpoints" / "last.pt"
+    assert (out / "checkpoints" / "last.prev.pt").is_file()
+    last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
+    predict = subprocess.run([sys.executable, "-m", "imgtune", "predict", str(last), str(data / "valid")],
+                             capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert predict.returncode == 2 and "damaged or truncated" in predict.stderr and "last.prev.pt" in predict.stderr
+    res = subprocess.run([sys.executable, "-m", "imgtune", "train", "--resume", str(out)],
+                         capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert f"taking over the lock left by pid {proc.pid}" in res.stderr
+    assert "resuming from" in res.stderr and "last.prev.pt" in res.stderr
+    assert _rows(out) == _rows(reference)
+    ref, got = _weights(reference / "checkpoints" / "last.pt"), _weights(last)
+    assert all(torch.equal(ref[k], got[k]) for k in ref)

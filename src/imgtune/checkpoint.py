@@ -15,6 +15,9 @@ from __future__ import annotations
 import dataclasses
 import io
 import logging
+import os
+import shutil
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -170,7 +173,23 @@ class CheckpointSaver:
         checkpoint = dataclasses.replace(
             self.template, state_dict=weights, train_state=state if kind == "last" else None, **progress
         )
+        if kind == "last":
+            keep_previous(self.run.last, self.run.last_prev)
         save_checkpoint(self.run.best if kind == "best" else self.run.last, checkpoint)
+
+
+def keep_previous(path: Path, previous: Path) -> None:
+    """previous := path, without a moment where path is missing: a hard link renamed into place (a copy where
+    the file system has no links). The new path is then written beside it, atomically, as every file is."""
+    if not path.is_file() or not zipfile.is_zipfile(path):  # only a whole file is worth falling back to
+        return
+    tmp = previous.with_name(f".{previous.name}.{os.getpid()}.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(path, tmp)
+    except OSError:
+        shutil.copyfile(path, tmp)
+    os.replace(tmp, previous)
 
 
 def save_checkpoint(path: Path, checkpoint: Checkpoint) -> None:
@@ -188,9 +207,28 @@ def safe_torch_load(path: Path) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError, ... depending on the damage
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        with path.open("rb") as fh:
+            zipped = fh.read(4) == b"PK\x03\x04"
+        if zipped and not zipfile.is_zipfile(path):  # torch's zip format, cut short: its directory is gone
+            raise CheckpointError(
+                f"{path}: damaged or truncated (not a whole checkpoint file, {path.stat().st_size:,} bytes); "
+                + _damage_hint(path)
+            ) from None
         raise CheckpointError(
             f"{path}: refused to load: not a plain-tensor checkpoint, or damaged ({first[:300]})"
         ) from None
+
+
+def _damage_hint(path: Path) -> str:
+    """What to do instead, from where the file sits in a run folder."""
+    folder = path.parent.parent
+    if path.name == "best.pt" and path.parent.name == "checkpoints":
+        return (f"use {path.with_name('last.pt')} (the latest epoch) where it is whole, copy best.pt again if "
+                f"it came from elsewhere, or train again")  # fmt: skip
+    if path.name == "last.pt" and path.parent.name == "checkpoints":
+        return (f"`imgtune train --resume {folder}` falls back to last.prev.pt (one save earlier) where it is "
+                f"whole; else start the run again")  # fmt: skip
+    return "copy it again or train again"
 
 
 def is_checkpoint_payload(data: Any) -> bool:

@@ -33,7 +33,7 @@ from imgtune.lrfind import LRFindResult, plot, range_test, tune_lr
 from imgtune.metrics import EvalResult
 from imgtune.predict import TorchPredictor
 from imgtune.progress import Progress, SilentProgress
-from imgtune.runs import RunFolder, ensure_free, new_run_folder
+from imgtune.runs import RunFolder, RunLock, ensure_free, new_run_folder
 from imgtune.runtime import StopRequest, inference_dtype, pick_device, training_dtype, tune_allocator
 from imgtune.stage import Stage
 from imgtune.stages import finetune_stage, head_stage
@@ -65,6 +65,7 @@ def train(config: Config, progress: Progress | None = None, stop: StopRequest | 
 def resume(run: Path | str, progress: Progress | None = None, stop: StopRequest | None = None) -> TrainResult:
     """Continue an interrupted run from RUN/checkpoints/last.pt: same epoch, optimizer, schedule, RNG."""
     folder = RunFolder(Path(run))
+    RunLock.check(folder.path)
     if not folder.config.is_file():
         raise CheckpointError(f"{run}: no config.yaml: not an imgtune run folder")
     config = Config.model_validate(yaml.safe_load(folder.config.read_text()))
@@ -109,19 +110,38 @@ def make_trainer(
 
 
 def _run(cfg: Config, progress: Progress | None, stop: StopRequest, resume_from: RunFolder | None) -> TrainResult:
+    with contextlib.ExitStack() as held:  # rank 0 holds the run folder's lock (runs.RunLock) until the end
+        return _locked_run(cfg, progress, stop, resume_from, held)
+
+
+def _claim(held: contextlib.ExitStack, folder: Path, new: bool) -> None:
+    """Lock the run folder, then (a new run) check that it is free: in this order, two runs started together
+    with one --out cannot both find it empty."""
+    held.enter_context(RunLock(folder))
+    if new:
+        ensure_free(folder)
+
+
+def _locked_run(
+    cfg: Config, progress: Progress | None, stop: StopRequest, resume_from: RunFolder | None,
+    held: contextlib.ExitStack,
+) -> TrainResult:  # fmt: skip
     started = time.perf_counter()
     tune_allocator()
     d = setup(pick_device(cfg.device))  # joins torchrun's process group; a no-op in one process
     if resume_from is None and cfg.out is not None:
         out = cfg.out
-        d.on_main(lambda: ensure_free(out))  # before minutes of caching, not after
+        d.on_main(lambda: _claim(held, out, new=True))  # before minutes of caching, not after
+    elif resume_from is not None:
+        folder = resume_from.path
+        d.on_main(lambda: _claim(held, folder, new=False))
     last = _last_checkpoint(resume_from, d) if resume_from is not None else None
     split_file = resume_from.split if resume_from is not None and resume_from.split.is_file() else None
     # resuming from last.pt: its weights replace the pretrained ones, so don't load (or download) those
     wb = prepare(cfg, load_pretrained=last is None, split_file=split_file)
     _log_distributed(wb)
     if resume_from is None:
-        run = RunFolder(d.on_main(lambda: _start_run_folder(wb)))  # rank 0 creates it; all ranks use it
+        run = RunFolder(d.on_main(lambda: _start_run_folder(wb, held)))  # rank 0 creates it; all ranks use it
         wb = wb.with_config(wb.cfg.model_copy(update={"out": run.path}))
     else:
         run = resume_from
@@ -153,10 +173,16 @@ def _last_checkpoint(folder: RunFolder, d: Dist) -> Checkpoint | None:
     interrupted writes go first; a damaged or hostile last.pt is refused before any data is prepared."""
     for leftover in d.on_main(folder.clean_leftovers):
         log.info("removed %s, left by an interrupted write", leftover)
-    if not folder.last.is_file():
+    if not folder.last.is_file() and not folder.last_prev.is_file():
         log.info("%s has no last.pt yet: starting it again from the beginning", folder.path)
         return None
-    last = load_checkpoint(folder.last)
+    try:
+        last = load_checkpoint(folder.last)
+    except CheckpointError as e:
+        if not folder.last_prev.is_file():
+            raise
+        last = load_checkpoint(folder.last_prev)
+        log.warning("%s; resuming from %s instead (epoch %d, one save earlier)", e, folder.last_prev, last.epoch)
     if last.train_state is None:
         raise CheckpointError(f"{folder.last}: holds no training state to resume from")
     log.info("resuming %s from epoch %d (stage %d)", folder.path, last.epoch, last.stage)
@@ -232,9 +258,11 @@ def _log_distributed(wb: Workbench) -> None:
     )  # fmt: skip
 
 
-def _start_run_folder(wb: Workbench) -> Path:
+def _start_run_folder(wb: Workbench, held: contextlib.ExitStack) -> Path:
     cfg = wb.cfg
     run = new_run_folder(cfg.out, cfg.data.path)
+    if cfg.out is None:  # a runs/<name>-N just made; with --out, the lock is held since the start
+        held.enter_context(RunLock(run.path))
     atomic_write_text(run.config, cfg.model_copy(update={"out": run.path}).to_yaml())
     run.write_json(run.classes, wb.split.classes)
     if wb.display_names != wb.split.classes:

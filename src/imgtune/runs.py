@@ -8,13 +8,20 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
+import os
 import re
+import socket
+import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from imgtune.errors import UserError
 from imgtune.files import atomic_write_text
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -53,6 +60,11 @@ class RunFolder:
     def last(self) -> Path:
         return self.path / "checkpoints" / "last.pt"
 
+    @property
+    def last_prev(self) -> Path:
+        """last.pt as it was before the latest save: what a resume falls back to when last.pt is damaged."""
+        return self.path / "checkpoints" / "last.prev.pt"
+
     def clean_leftovers(self) -> list[Path]:
         """Remove temporary files of writes that a crash interrupted (`.<name>.<random>.tmp`): the real
         files next to them are complete, since every write ends in an atomic rename. Memory-mapped stage-1
@@ -75,8 +87,130 @@ class RunFolderError(UserError, FileExistsError):
     """The run folder asked for is taken; the message says how to choose another or continue it."""
 
 
+LOCK_NAME = "run.lock"
+
+
+class RunLocked(RunFolderError):
+    """Another live process is writing the run folder; the message names it."""
+
+
+class RunLock:
+    """Held by the one process that writes a run folder (rank 0 under torchrun), from before its first file
+    to its last: `RUN/run.lock` holds that process's PID, host, start time and command, and an flock on it
+    that the kernel drops when the process dies, however it dies. A lock file left by a dead process (a kill,
+    a power cut) is taken over with a message; one held by a live process stops the second one at once."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = Path(folder)
+        self.path = self.folder / LOCK_NAME
+        self.created = not self.folder.exists()
+        self.fd: int | None = None
+
+    def __enter__(self) -> RunLock:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        while True:  # the file may be removed by its holder between our open and our flock: retry on a new one
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                previous = self._take(fd)
+            except BaseException:
+                os.close(fd)
+                raise
+            if self._still_named(fd):
+                break
+            os.close(fd)
+        self.fd = fd
+        if previous:
+            log.warning("%s: taking over the lock left by %s, which is no longer running", self.folder,
+                        _describe(previous))  # fmt: skip
+        mine = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+                "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])}  # fmt: skip
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(mine) + "\n").encode(), 0)
+        os.fsync(fd)
+        return self
+
+    @classmethod
+    def check(cls, folder: Path) -> None:
+        """Raise RunLocked if a live process holds the folder now (before a resume reads files that the writer
+        may not have written yet)."""
+        lock = cls(folder)
+        if lock.path.is_file():
+            with lock:
+                pass
+
+    def _take(self, fd: int) -> dict[str, Any]:
+        """Lock fd or raise RunLocked; returns what the file held before (a dead holder's record, or {})."""
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - not POSIX: the record alone decides
+            fcntl = None  # type: ignore[assignment]
+        previous = _read_record(fd)
+        if fcntl is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return previous
+            except BlockingIOError:
+                raise RunLocked(self._message(_read_record(fd))) from None
+            except OSError:  # a file system without flock: fall through to the PID check
+                pass
+        if previous and previous.get("host") == socket.gethostname() and _alive(int(previous.get("pid", 0))):
+            raise RunLocked(self._message(previous))
+        return previous
+
+    def _still_named(self, fd: int) -> bool:
+        try:
+            return os.fstat(fd).st_ino == os.stat(self.path).st_ino
+        except FileNotFoundError:
+            return False
+
+    def _message(self, holder: dict[str, Any]) -> str:
+        return (
+            f"{self.folder}: another imgtune process is writing this run folder ({_describe(holder)}); "
+            f"wait for it to finish or stop it, then --resume {self.folder}, or choose another --out"
+        )
+
+    def __exit__(self, *exc: object) -> None:
+        if self.fd is None:
+            return
+        with contextlib.suppress(OSError):
+            self.path.unlink()
+        os.close(self.fd)  # closing drops the flock
+        self.fd = None
+        if self.created:
+            with contextlib.suppress(OSError):  # a run that failed before writing anything leaves no folder
+                self.folder.rmdir()
+
+
+def _read_record(fd: int) -> dict[str, Any]:
+    try:
+        data = json.loads(os.pread(fd, 4096, 0).decode("utf-8", "replace") or "{}")
+    except ValueError:
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _describe(holder: dict[str, Any]) -> str:
+    if not holder:
+        return "a process that has not written its name yet"
+    return (f"pid {holder.get('pid', '?')} on {holder.get('host', '?')}, started {holder.get('started', '?')}: "
+            f"{holder.get('command', '?')}")  # fmt: skip
+
+
+def _alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
 def ensure_free(out: Path) -> None:
-    if Path(out).exists() and any(Path(out).iterdir()):
+    """A new run's folder must be new or empty (its own lock file aside)."""
+    if Path(out).exists() and any(p.name != LOCK_NAME for p in Path(out).iterdir()):
         raise RunFolderError(
             f"{out}: run folder exists and is not empty; choose another --out, remove it, or --resume {out}"
         )
