@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import io
+import contextlib
+import json
 import os
 import socket
 import subprocess
@@ -11,7 +12,6 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -20,7 +20,10 @@ import uvicorn
 
 import imgtune
 from conftest import CHROMIUM, bomb_png, launch_chromium, small_dataset
-from imgtune.serve import create_app, is_loopback
+from imgtune.serve import create_app, is_loopback, server_config
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from serve_soak import soak, start_server
 
 
 def free_port() -> int:
@@ -30,11 +33,11 @@ def free_port() -> int:
 
 
 class Server:
-    """uvicorn in a thread, started and stopped by the test."""
+    """uvicorn in a thread with `imgtune serve`'s settings, started and stopped by the test."""
 
-    def __init__(self, app: object) -> None:
+    def __init__(self, app: object, read_timeout_s: float = 30.0) -> None:
         self.port = free_port()
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))  # type: ignore[arg-type]
+        self.server = uvicorn.Server(server_config(app, port=self.port, read_timeout_s=read_timeout_s))  # type: ignore[arg-type]
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     def __enter__(self) -> str:
@@ -162,18 +165,146 @@ def test_non_loopback_host_without_token_generates_one(run: Path) -> None:
 
 
 @pytest.mark.slow
-def test_load_200_requests_from_16_concurrent_clients(url: str, valid_images: list[tuple[Path, str]]) -> None:
+def test_soak_16_clients_no_errors_and_flat_memory(run: Path, valid_images: list[tuple[Path, str]]) -> None:
+    """benchmarks/serve_soak.py for 12 s against a real `imgtune serve` process (the benchmark runs 60 s)."""
     payloads = [(p.name, p.read_bytes(), label) for p, label in valid_images]
+    proc, base = start_server(run)
+    try:
+        result = soak(base, proc.pid, payloads, clients=16, seconds=12)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    print(f"soak: {result}, growth {result.growth:+.1%}")
+    assert result.requests > 100 and result.errors == 0 and result.wrong == 0
+    assert result.growth < 0.10
 
-    def one(i: int) -> bool:
-        name, data, label = payloads[i % len(payloads)]
-        with httpx.Client(timeout=60) as client:
-            res = client.post(f"{url}/predict", files=[("file", (name, io.BytesIO(data)))])
-        return res.status_code == 200 and res.json()[0]["label"] == label
 
-    with ThreadPoolExecutor(16) as pool:
-        results = list(pool.map(one, range(200)))
-    assert sum(results) == 200
+def _multipart(name: str, data: bytes, boundary: str = "imgtune-test-boundary") -> tuple[bytes, str]:
+    head = f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{name}"\r\n\r\n'.encode()
+    return head + data + f"\r\n--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+
+
+def _exchange(base: str, request: bytes, wait_s: float = 10) -> bytes:
+    """Send raw bytes, then read the answer until the server closes or wait_s passes."""
+    host, port = base.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=wait_s) as sock:
+        with contextlib.suppress(OSError):  # the server may answer and close before taking it all
+            sock.sendall(request)
+        chunks = []
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            try:
+                chunk = sock.recv(65536)
+            except (TimeoutError, ConnectionResetError):
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _status(answer: bytes) -> int:
+    return int(answer.split(b" ", 2)[1]) if answer.startswith(b"HTTP/1.1 ") else 0
+
+
+def test_an_over_limit_upload_gets_a_413_that_every_client_reads(
+    url: str, valid_images: list[tuple[Path, str]]
+) -> None:
+    """8 MB against the 0.2 MB limit, far more than the sockets buffer: urllib and requests send the whole
+    body before they read; the server drains it, so they read the 413 instead of a reset connection."""
+    import urllib.error
+    import urllib.request
+
+    import requests
+
+    data = os.urandom(8 * 2**20)
+    body, ctype = _multipart("big.png", data)
+    request = urllib.request.Request(f"{url}/predict", data=body, headers={"Content-Type": ctype})
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(request, timeout=60)
+    assert err.value.code == 413 and "upload limit" in json.loads(err.value.read())["detail"]
+    res = requests.post(f"{url}/predict", files={"file": ("big.png", data)}, timeout=60)
+    assert res.status_code == 413 and "upload limit" in res.json()["detail"]
+    res = httpx.post(f"{url}/predict", files=[("file", ("big.png", data))], timeout=60)
+    assert res.status_code == 413 and "upload limit" in res.json()["detail"]
+    # curl's way: Expect: 100-continue, and no body until the server says so; it gets the 413 at once instead
+    head = (f"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
+            f"Expect: 100-continue\r\n\r\n").encode()  # fmt: skip
+    answer = _exchange(url, head)
+    assert _status(answer) == 413 and b"100 Continue" not in answer
+    path, label = valid_images[0]
+    assert _post(url, (path.name, path.read_bytes())).json()[0]["label"] == label
+
+
+def test_slow_lying_and_malformed_requests_get_clear_answers(run: Path, valid_images: list[tuple[Path, str]]) -> None:
+    path, label = valid_images[0]
+    with Server(create_app(imgtune.load(run), read_timeout_s=1.0), read_timeout_s=1.0) as base:
+        host, port = base.removeprefix("http://").split(":")
+        # headers sent a byte at a time (slowloris): other clients are answered meanwhile, and it gets a 408
+        slow = socket.create_connection((host, int(port)), timeout=10)
+        started, answer = time.monotonic(), b""
+        for byte in b"POST /predict HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"z" * 200:
+            try:
+                slow.send(bytes([byte]))
+            except OSError:
+                break
+            if time.monotonic() - started < 0.3:
+                assert httpx.get(f"{base}/health", timeout=2).status_code == 200
+            slow.settimeout(0.05)
+            try:
+                answer = slow.recv(65536)
+                break
+            except TimeoutError:
+                pass
+        slow.close()
+        assert _status(answer) == 408 and b"headers not received" in answer
+        assert 0.9 < time.monotonic() - started < 5
+        # a body that stops short of its Content-Length
+        head = "POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+        answer = _exchange(base, (head + "Content-Length: 5000\r\n\r\n").encode() + b"--b\r\n" + b"x" * 100)
+        assert _status(answer) == 408 and b"body not received" in answer
+        # a Content-Length shorter than the body, and a body that is not multipart at all
+        body, ctype = _multipart(path.name, path.read_bytes())
+        head = f"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: {ctype}\r\n"
+        answer = _exchange(base, (head + "Content-Length: 40\r\n\r\n").encode() + body)
+        assert 400 <= _status(answer) < 500 and b"detail" in answer
+        answer = _exchange(base, (head + "Content-Length: 26\r\n\r\n").encode() + b"this is not multipart data")
+        assert 400 <= _status(answer) < 500 and b"detail" in answer
+        # 64 KB of headers, sent at once (the server's h11 refuses them with a 400 when they trickle in)
+        answer = _exchange(base, b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"y" * 65536 + b"\r\n\r\n")
+        assert _status(answer) == 431 and b"headers over" in answer
+        # a connection that sends nothing is closed after the read timeout, without an answer
+        started = time.monotonic()
+        assert _exchange(base, b"") == b"" and time.monotonic() - started < 5
+        assert _post(base, (path.name, path.read_bytes())).json()[0]["label"] == label
+
+
+@pytest.mark.slow
+def test_500_simultaneous_requests_get_answers_and_the_server_keeps_serving(
+    run: Path, valid_images: list[tuple[Path, str]]
+) -> None:
+    import asyncio
+    from collections import Counter
+
+    path, label = valid_images[0]
+    data = path.read_bytes()
+    with Server(create_app(imgtune.load(run), max_active=32)) as base:
+
+        async def burst() -> list[httpx.Response | BaseException]:
+            async with httpx.AsyncClient(limits=httpx.Limits(max_connections=500), timeout=120) as client:
+                posts = [client.post(f"{base}/predict", files=[("file", (path.name, data))]) for _ in range(500)]
+                return await asyncio.gather(*posts, return_exceptions=True)
+
+        answers = asyncio.run(burst())
+        statuses = Counter(a.status_code if isinstance(a, httpx.Response) else repr(a) for a in answers)
+        assert set(statuses) <= {200, 503}, statuses
+        assert statuses[200] >= 32 and statuses[503] > 0, statuses
+        busy = next(a for a in answers if isinstance(a, httpx.Response) and a.status_code == 503)
+        assert "server busy" in busy.json()["detail"] and busy.headers["retry-after"] == "1"
+        assert all(
+            a.json()[0]["label"] == label for a in answers if isinstance(a, httpx.Response) and a.status_code == 200
+        )
+        assert _post(base, (path.name, data)).json()[0]["label"] == label
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed")

@@ -530,13 +530,20 @@ def serve(
     precision: Annotated[
         Precision, typer.Option(help="auto (bf16 where native, else fp32), fp32, bf16, fp16.")
     ] = "auto",
+    read_timeout: Annotated[
+        float,
+        typer.Option(help="Seconds a client has to send a request's headers, and then its body (408 after).", min=0.1),
+    ] = 30.0,
+    max_active: Annotated[
+        int, typer.Option(help="Requests handled at once; more get a 503 with Retry-After.", min=1)
+    ] = 64,
 ) -> None:
     """Serve predictions over HTTP (POST /predict, GET /health, GET /classes) with a web page at /."""
     from imgtune.serve import serve as run_server
 
     run_server(
         run, host=host, port=port, backend=backend, max_upload_mb=max_upload_mb, token=token, device=device,
-        precision=precision,
+        precision=precision, read_timeout_s=read_timeout, max_active=max_active,
     )  # fmt: skip
 
 

@@ -3,8 +3,9 @@
 Requests are decoded in worker threads and batched for the model: one thread runs the model, taking every
 image that arrived within a few milliseconds as one batch (on a CPU a batch of 8 costs far less than 8
 single images). Uploads stay in memory (Starlette spools large ones to anonymous temp files, never under
-the client's file name); bodies over the limit are refused from their Content-Length, or as soon as the
-streamed bytes pass it, before they are read whole.
+the client's file name). What one client may cost is bounded (RequestGuard, guarded_protocol): body size,
+time to send the headers and the body, requests in progress and open connections; every refusal is a JSON
+answer that the client can read.
 """
 
 from __future__ import annotations
@@ -34,16 +35,37 @@ log = logging.getLogger(__name__)
 PAGE = Path(__file__).with_name("page.html")
 
 
-class _TooLarge(BaseException):
-    """Raised from `receive` once the body passes the limit. A BaseException on purpose: the framework turns
-    any Exception raised while it parses a form into a 400, and this must reach BodyLimit as a 413."""
+DRAIN_BYTES = 64 * 2**20  # the most of a refused body read and dropped so that the client sees the answer
+DRAIN_S = 10.0
+MAX_HEADER_BYTES = 16 * 1024  # uvicorn's limit on headers still arriving (h11_max_incomplete_event_size)
 
 
-class BodyLimit:
-    """ASGI middleware: 413 for bodies over `max_bytes`, judged before the body is read."""
+class _Refused(BaseException):
+    """Raised from `receive` once the body passes the limit or its time. A BaseException on purpose: the
+    framework turns any Exception raised while it parses a form into a 400, and this must reach the guard."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
-        self.app, self.max_bytes = app, max_bytes
+    def __init__(self, status: int, detail: str) -> None:
+        self.status, self.detail = status, detail
+
+
+class RequestGuard:
+    """ASGI middleware in front of the routes: bounds what one request may cost the server.
+
+    - a body over `max_bytes` gets a 413, judged from its Content-Length or as the streamed bytes pass it;
+    - a body that has not arrived `read_timeout_s` after the request began gets a 408 (a slow or stalled
+      client, or a Content-Length larger than what it sends, never holds the request open);
+    - beyond `max_active` requests at once, a 503 with Retry-After (the model is the bottleneck anyway);
+    - headers over MAX_HEADER_BYTES, a 431.
+
+    Before a refusal the rest of the body is read and dropped (up to DRAIN_BYTES / DRAIN_S): a client that
+    sends its whole body before reading the answer, as urllib and requests do, would otherwise see the
+    connection reset instead of the answer (nginx's lingering close does the same). A client that announced
+    `Expect: 100-continue` (curl) has sent nothing yet, so nothing is drained and it sends nothing.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int, read_timeout_s: float = 30.0, max_active: int = 64) -> None:
+        self.app, self.max_bytes, self.read_timeout_s, self.max_active = app, max_bytes, read_timeout_s, max_active
+        self.active = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -51,19 +73,33 @@ class BodyLimit:
             return
         headers = dict(scope.get("headers") or [])
         declared = headers.get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await self._refuse(send)
+        early = headers.get(b"expect", b"").lower() == b"100-continue"
+        size = sum(len(k) + len(v) + 4 for k, v in scope.get("headers") or [])
+        if size > MAX_HEADER_BYTES:  # h11 refuses more only while headers are incomplete; whole ones come here
+            detail = f"request headers over {MAX_HEADER_BYTES // 1024} KB ({size:,} bytes)"
+            await self._refuse(send, receive, 431, detail, drain=not early)
             return
-        seen = 0
-        started = False
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            await self._refuse(send, receive, 413, self._too_large(), drain=not early)
+            return
+        if self.active >= self.max_active:
+            detail = f"server busy: {self.active} requests in progress (limit {self.max_active}); retry shortly"
+            await self._refuse(send, receive, 503, detail, drain=not early, extra=[(b"retry-after", b"1")])
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.read_timeout_s
+        seen, started = 0, False
 
-        async def counting_receive() -> Message:
+        async def guarded_receive() -> Message:
             nonlocal seen
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
+            except TimeoutError:
+                raise _Refused(408, f"request body not received within {self.read_timeout_s:g} s") from None
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.max_bytes:
-                    raise _TooLarge
+                    raise _Refused(413, self._too_large())
             return message
 
         async def tracking_send(message: Message) -> None:
@@ -71,17 +107,105 @@ class BodyLimit:
             started = started or message["type"] == "http.response.start"
             await send(message)
 
+        self.active += 1
         try:
-            await self.app(scope, counting_receive, tracking_send)
-        except _TooLarge:
+            await self.app(scope, guarded_receive, tracking_send)
+        except _Refused as refusal:
             if not started:
-                await self._refuse(send)
+                await self._refuse(send, receive, refusal.status, refusal.detail, drain=refusal.status == 413)
+        finally:
+            self.active -= 1
 
-    async def _refuse(self, send: Send) -> None:
-        body = json.dumps({"detail": f"request body over the {self.max_bytes / 2**20:g} MB upload limit"}).encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"connection", b"close")]})  # fmt: skip
+    def _too_large(self) -> str:
+        return f"request body over the {self.max_bytes / 2**20:g} MB upload limit"
+
+    async def _refuse(
+        self, send: Send, receive: Receive, status: int, detail: str, drain: bool,
+        extra: list[tuple[bytes, bytes]] | None = None,
+    ) -> None:  # fmt: skip
+        if drain:
+            await _drain(receive)
+        body = json.dumps({"detail": detail}).encode()
+        headers = [(b"content-type", b"application/json"), (b"connection", b"close"), *(extra or [])]
+        await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
+
+
+async def _drain(receive: Receive) -> None:
+    loop = asyncio.get_running_loop()
+    deadline, dropped = loop.time() + DRAIN_S, 0
+    while dropped <= DRAIN_BYTES:
+        try:
+            message = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
+        except TimeoutError:
+            return
+        if message["type"] != "http.request" or not message.get("more_body", False):
+            return
+        dropped += len(message.get("body", b""))
+
+
+def guarded_protocol(read_timeout_s: float) -> type:
+    """uvicorn's h11 protocol with a deadline on the request line and headers, which uvicorn lacks: a client
+    that sends them a byte at a time (slowloris) gets a 408 and the connection closes after read_timeout_s,
+    on a new connection and between the requests of a kept-alive one; a connection that sends nothing at all
+    is closed then too (uvicorn's keep-alive timer only starts after a first response)."""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    body = json.dumps({"detail": f"request headers not received within {read_timeout_s:g} s"}).encode()
+    answer = (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nconnection: close\r\n"
+              b"content-length: %d\r\n\r\n%s" % (len(body), body))  # fmt: skip
+
+    class HeaderDeadline(H11Protocol):
+        timer: asyncio.TimerHandle | None = None
+        partial = False  # bytes of the next request have arrived, but not all its headers
+
+        def connection_made(self, transport: Any) -> None:
+            super().connection_made(transport)
+            self._arm()
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            self.partial = self.conn.their_state is h11.IDLE
+            if self.timer is not None and not self.partial:  # the headers are in
+                self.timer.cancel()
+                self.timer = None
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if not self.transport.is_closing():
+                self._arm()  # the next request on this connection gets the same deadline
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if self.timer is not None:
+                self.timer.cancel()
+            super().connection_lost(exc)
+
+        def _arm(self) -> None:
+            self.partial = False
+            if self.timer is not None:
+                self.timer.cancel()
+            self.timer = self.loop.call_later(read_timeout_s, self._late)
+
+        def _late(self) -> None:
+            self.timer = None
+            if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+                if self.partial:
+                    self.transport.write(answer)
+                self.transport.close()
+
+    return HeaderDeadline
+
+
+def server_config(
+    app: ASGIApp, host: str = "127.0.0.1", port: int = 8000, read_timeout_s: float = 30.0, max_connections: int = 1000
+) -> Any:
+    """The uvicorn settings imgtune serves with (the tests start servers with the same ones): the guarded h11
+    protocol, and a cap on open connections beyond which uvicorn answers 503 before reading anything."""
+    import uvicorn
+
+    return uvicorn.Config(app, host=host, port=port, log_level="warning", http=guarded_protocol(read_timeout_s),
+                          limit_concurrency=max_connections, timeout_keep_alive=5)  # fmt: skip
 
 
 class Batcher:
@@ -146,9 +270,10 @@ def is_loopback(host: str) -> bool:
 
 # long: FastAPI's idiom: the routes are closures over one predictor, batcher and token
 def create_app(
-    predictor: Predictor, *, token: str | None = None, max_upload_mb: float = 20.0, top_k: int = 5, max_batch: int = 16
-) -> ASGIApp:
-    """The ASGI app: FastAPI routes wrapped in the body-size limit."""
+    predictor: Predictor, *, token: str | None = None, max_upload_mb: float = 20.0, top_k: int = 5, max_batch: int = 16,
+    read_timeout_s: float = 30.0, max_active: int = 64,
+) -> ASGIApp:  # fmt: skip
+    """The ASGI app: FastAPI routes behind the RequestGuard (size, time and concurrency limits)."""
     batcher = Batcher(predictor, max_batch=max_batch)
 
     async def lifespan(app: FastAPI) -> Any:
@@ -205,7 +330,7 @@ def create_app(
             })  # fmt: skip
         return results
 
-    return BodyLimit(app, int(max_upload_mb * 2**20))
+    return RequestGuard(app, int(max_upload_mb * 2**20), read_timeout_s, max_active)
 
 
 def serve(
@@ -218,6 +343,8 @@ def serve(
     token: str | None = None,
     device: str = "auto",
     precision: str = "auto",
+    read_timeout_s: float = 30.0,
+    max_active: int = 64,
 ) -> None:
     import uvicorn
 
@@ -227,6 +354,7 @@ def serve(
         token = secrets.token_urlsafe(24)
         print(f"--host {host} is reachable from other machines: API calls need this token:\n  {token}", flush=True)
     predictor = load_predictor(run, device, backend, precision)
-    app = create_app(predictor, token=token, max_upload_mb=max_upload_mb)
+    app = create_app(predictor, token=token, max_upload_mb=max_upload_mb, read_timeout_s=read_timeout_s,
+                     max_active=max_active)  # fmt: skip
     print(f"imgtune serving {predictor.checkpoint.get('path', run)} ({backend}) on http://{host}:{port}/", flush=True)
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    uvicorn.Server(server_config(app, host, port, read_timeout_s)).run()
