@@ -221,3 +221,88 @@ def test_out_of_memory_halves_the_batch_and_restarts_the_stage(
     assert len(rows) == 1 + 2 + 1  # header, 2 head epochs, 1 fine-tuning epoch: no rows from failed attempts
     last = torch.load(result.run_dir / "checkpoints" / "last.pt", weights_only=True)
     assert last["config"]["data"]["batch_size"] == 4
+
+
+class _Saboteur:
+    """A Progress that, as stage 2 starts, deletes one training image, cuts another short and makes a third
+    unreadable: files that change after the scan, as a sync tool or a cleanup script would change them."""
+
+    def __init__(self, victims: list[Path]) -> None:
+        self.victims, self.done = victims, False
+
+    def task(self, description: str, total: int) -> object:
+        from imgtune.progress import SilentTask
+
+        if description.startswith("stage 2") and not self.done:
+            gone, cut, locked = self.victims
+            gone.unlink()
+            cut.write_bytes(cut.read_bytes()[:60])
+            locked.chmod(0)
+            self.done = True
+        return SilentTask()
+
+
+@pytest.mark.slow
+def test_images_that_vanish_or_break_during_a_run_are_skipped_and_reported(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import imgtune
+    from conftest import SMALL_RUN, write_class_folders
+
+    data = tmp_path / "ds"
+    write_class_folders(data / "train", 8, seed=1)
+    write_class_folders(data / "valid", 4, seed=2)
+    victims = [data / "train" / "red" / "0.png", data / "train" / "green" / "1.png", data / "train" / "blue" / "2.png"]
+    saboteur = _Saboteur(victims)
+    cfg = imgtune.build_config(overrides={**SMALL_RUN, "data.path": data, "out": tmp_path / "run", "data.cache": "none",
+                                          "data.workers": 0, "train.epochs_frozen": 1, "train.epochs": 2})  # fmt: skip
+    caplog.set_level("WARNING", logger="imgtune")
+    try:
+        result = imgtune.train(cfg, progress=saboteur)  # type: ignore[arg-type]
+    finally:
+        victims[2].chmod(0o644)
+    assert saboteur.done and result.summary["best_epoch"] >= 1
+    assert (tmp_path / "run" / "checkpoints" / "best.pt").is_file()
+    assert f"skipped unreadable image {victims[0]}: file not found" in caplog.text
+    assert f"skipped unreadable image {victims[1]}" in caplog.text
+    if os.geteuid() != 0:  # root reads a file whatever its mode; test_unreadable_file_... covers it as nobody
+        assert f"skipped unreadable image {victims[2]}" in caplog.text
+
+
+def _decode_as_nobody(path: str, queue: object) -> None:
+    os.setgid(65534)
+    os.setuid(65534)
+    try:
+        load_rgb(path)
+        queue.put("decoded")  # type: ignore[attr-defined]
+    except ImageError as e:
+        queue.put(f"ImageError: {e.reason}")  # type: ignore[attr-defined]
+    except BaseException as e:
+        queue.put(f"crash: {type(e).__name__}: {e}")  # type: ignore[attr-defined]
+
+
+def test_unreadable_file_is_an_image_error_not_a_crash(tmp_path: Path) -> None:
+    """Permissions, really enforced: as root, the file is opened by a child process that has become nobody."""
+    import multiprocessing
+    import shutil
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(dir="/tmp"))
+    try:
+        folder.chmod(0o755)
+        path = folder / "locked.png"
+        Image.new("RGB", (8, 8)).save(path)
+        path.chmod(0)
+        if os.geteuid() != 0:
+            with pytest.raises(ImageError, match="Permission denied"):
+                load_rgb(path)
+            return
+        ctx = multiprocessing.get_context("fork")
+        queue = ctx.Queue()
+        child = ctx.Process(target=_decode_as_nobody, args=(str(path), queue))
+        child.start()
+        child.join(timeout=60)
+        answer = queue.get(timeout=10)
+        assert answer.startswith("ImageError") and "Permission denied" in answer, answer
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)

@@ -220,7 +220,11 @@ def _parse_sets(items: list[str] | None) -> dict[str, Any]:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.stage2.optimizer=sgd")
-        out[key.strip()] = yaml.safe_load(value)
+        try:
+            out[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            first = str(e).strip().splitlines()[0]
+            raise ConfigError(f"--set {item!r}: the value is not valid YAML ({first}); quote text: KEY='VALUE'") from None
     return out
 
 

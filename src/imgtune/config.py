@@ -634,9 +634,13 @@ def build_config(
             tree[k] = dict(v) if isinstance(v, Mapping) else v
     if file is not None:
         try:
-            loaded = yaml.safe_load(Path(file).read_text())
+            loaded = yaml.safe_load(Path(file).read_text(encoding="utf-8"))
         except FileNotFoundError as e:
             raise ConfigError(f"config file not found: {file}") from e
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{file}: not a text file (byte {e.start} is not UTF-8); give a YAML file") from None
+        except OSError as e:
+            raise ConfigError(f"{file}: cannot read the config file ({e.strerror})") from None
         except yaml.YAMLError as e:
             raise ConfigError(f"{file}: not valid YAML: {e}") from e
         if loaded is None:

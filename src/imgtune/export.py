@@ -152,5 +152,10 @@ def export_onnx(
 def read_metadata(path: Path) -> dict[str, str]:
     import onnx
 
-    proto = onnx.load(str(path), load_external_data=False)
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except FileNotFoundError:
+        raise ExportError(f"{path}: file not found") from None
+    except Exception as e:  # protobuf's DecodeError and friends: a damaged or foreign file
+        raise ExportError(f"{path}: not a readable ONNX model ({type(e).__name__}: {str(e)[:200]})") from None
     return {p.key: p.value for p in proto.metadata_props}
