@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+from machine import cpu_description
 
 OUT = Path(__file__).parent / "results" / "serve_soak.md"
 
@@ -123,7 +124,7 @@ def main() -> None:
         proc.terminate()
         proc.wait(timeout=30)
     text = (
-        f"# serve soak\n\n{platform.processor() or platform.machine()}, {platform.platform()}; run {args.run}\n\n"
+        f"# serve soak\n\n{cpu_description()}; {platform.platform()}; run {args.run}\n\n"
         f"| seconds | clients | requests | req/s | errors | wrong | RSS after warm-up | RSS at end | growth |\n"
         f"|---|---|---|---|---|---|---|---|---|\n"
         f"| {result.seconds:g} | {result.clients} | {result.requests} | {result.requests / result.seconds:.1f} | "

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import platform
 import shutil
 import subprocess
 import sys
@@ -27,6 +26,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from machine import cpu_description
 from PIL import Image
 
 from imgtune.sources import FASHION_MNIST_DIR, read_idx
@@ -127,11 +127,9 @@ def main() -> None:
         rows.append(row)
         print(json.dumps(row), flush=True)
     keys = list(dict.fromkeys(k for r in rows for k in r))
-    flags = Path("/proc/cpuinfo").read_text()
-    cpu = next((ln.split(":", 1)[1].strip() for ln in flags.splitlines() if ln.startswith("model name")), "?")
     lines = [
         "# Tutorial recipes on Fashion-MNIST in the food-11 layout", "",
-        f"Machine: {cpu}, {platform.machine()}, AVX-512 BF16: {'yes' if 'avx512_bf16' in flags else 'no'}; "
+        f"Machine: {cpu_description()}; "
         f"{args.per_class} training and {args.per_class // 6} validation images per class (10 classes) from the "
         "official training set, 100 per class from the official test set as the unlabelled evaluation/ folder.", "",
         "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys),

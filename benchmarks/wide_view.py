@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from machine import cpu_description
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,11 +76,8 @@ def main() -> None:
             rows.append({"train_aspect": round(aspect, 2), "seed": seed, "best_valid_acc": acc,
                          "best_epoch": s["best_epoch"], "wall_s": round(time.monotonic() - t0)})  # fmt: skip
             print(json.dumps(rows[-1]), flush=True)
-    cpu = next(
-        ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines() if "model name" in ln
-    )
     mean = {a: float(np.mean([r["best_valid_acc"] for r in rows if r["train_aspect"] == a])) for a in (1.0, 1.33)}
-    lines = ["# data.train_aspect on a photo-like folder", "", f"Machine: {cpu}. {len(PHOTOS)} classes, "
+    lines = ["# data.train_aspect on a photo-like folder", "", f"Machine: {cpu_description()}. {len(PHOTOS)} classes, "
              f"{args.per_class} training / {args.per_class // 2} validation pictures per class; tf_efficientnet_lite0 "
              "(offline ImageNet weights), 64 px, --augment strong (random resized crops of 30-100% of the area), "
              "10 head epochs on cached features then 4 fine-tuning epochs on augmented crops.", "",

@@ -224,7 +224,9 @@ def _parse_sets(items: list[str] | None) -> dict[str, Any]:
             out[key.strip()] = yaml.safe_load(value)
         except yaml.YAMLError as e:
             first = str(e).strip().splitlines()[0]
-            raise ConfigError(f"--set {item!r}: the value is not valid YAML ({first}); quote text: KEY='VALUE'") from None
+            raise ConfigError(
+                f"--set {item!r}: the value is not valid YAML ({first}); quote text: KEY='VALUE'"
+            ) from None
     return out
 
 
