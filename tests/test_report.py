@@ -17,6 +17,7 @@ from imgtune.checkpoint import load_checkpoint, save_checkpoint
 from imgtune.cli import app
 from imgtune.config import ConfigError
 from imgtune.predict import InputError, TorchPredictor, tta_views
+from imgtune.runs import RunLock, RunLocked
 
 runner = CliRunner()
 PLOTS = {"curves.png", "lr.png", "confusion_matrix.png", "reliability.png", "predictions.png", "top_losses.png",
@@ -115,6 +116,11 @@ def test_temperature_scaling_lowers_ece_of_an_over_confident_model(shapes: tuple
     save_checkpoint(hot, ckpt)
     root = write_class_folders(tmp_path / "more" / "valid", 40, seed=7).parent  # 120 images: ECE means something
     before = imgtune.evaluate(hot, root, "valid")
+    (hot.parent.parent / "config.yaml").write_text((run / "config.yaml").read_text())
+    with RunLock(hot.parent.parent):  # a train writing this run: calibrate refuses to rewrite its best.pt
+        refused = runner.invoke(app, ["calibrate", str(hot), str(root)])
+    assert isinstance(refused.exception, RunLocked) and "another imgtune process" in str(refused.exception)
+    assert load_checkpoint(hot).temperature == 1.0
     res = runner.invoke(app, ["calibrate", str(hot), str(root)])
     assert res.exit_code == 0, res.output
     fit_t = load_checkpoint(hot).temperature

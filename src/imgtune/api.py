@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from imgtune.predict import (
     write_predictions,
 )
 from imgtune.recipe import TrainResult, resume, train
+from imgtune.runs import RunLock
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +115,10 @@ def calibrate(
 
     path = resolve_checkpoint(Path(run))
     pairs = eval_samples(Path(data), split, _first_run_dir(run))
-    return calibrate_checkpoint(path, load_predictor(path, device), pairs, batch_size, workers)
+    # it rewrites the checkpoint: not while a train writes the same run folder (its next best.pt would undo it)
+    in_run = path.parent.name == "checkpoints" and (path.parent.parent / "config.yaml").is_file()
+    with RunLock(path.parent.parent) if in_run else contextlib.nullcontext():
+        return calibrate_checkpoint(path, load_predictor(path, device), pairs, batch_size, workers)
 
 
 @dataclass
