@@ -10,6 +10,7 @@ loop read the same either way. Rules that keep ranks in step:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -168,8 +169,14 @@ def setup(device: torch.device) -> Dist:
 
 
 def teardown() -> None:
+    """Leave the process group together: a gloo rank that destroys the group and exits while a peer still
+    talks to it can abort at exit ("terminate called without an active exception", seen once in CI on the
+    stop-probe). The barrier is bounded, so a rank whose peer has died still exits."""
     global _current
     if tdist.is_available() and tdist.is_initialized():
+        if tdist.get_backend() == "gloo":
+            with contextlib.suppress(Exception):
+                tdist.monitored_barrier(timeout=timedelta(seconds=30))
         tdist.destroy_process_group()
     _current = Dist()
 
