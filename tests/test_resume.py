@@ -265,3 +265,12 @@ def test_a_stale_lock_is_taken_over_and_a_damaged_last_pt_falls_back_to_the_one_
     assert _rows(out) == _rows(reference)
     ref, got = _weights(reference / "checkpoints" / "last.pt"), _weights(last)
     assert all(torch.equal(ref[k], got[k]) for k in ref)
+
+
+def test_a_run_folder_that_cannot_be_written_is_a_clear_error(tmp_path: Path) -> None:
+    from imgtune.runs import RunFolderError, RunLock
+
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where the run folder should go")
+    with pytest.raises(RunFolderError, match="cannot take the run folder's lock"), RunLock(blocker / "run"):
+        pass

@@ -107,7 +107,14 @@ class RunLock:
         self.fd: int | None = None
 
     def __enter__(self) -> RunLock:
-        self.folder.mkdir(parents=True, exist_ok=True)
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            return self._acquire()
+        except OSError as e:  # a read-only or foreign folder: say so, not a traceback
+            raise RunFolderError(f"{self.path}: cannot take the run folder's lock ({e.strerror}); a run folder "
+                                 "must be writable: choose another --out") from None  # fmt: skip
+
+    def _acquire(self) -> RunLock:
         while True:  # the file may be removed by its holder between our open and our flock: retry on a new one
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
