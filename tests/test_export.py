@@ -88,3 +88,21 @@ def test_onnx_backend_needs_an_export(tmp_path: Path) -> None:
     (tmp_path / "empty_run").mkdir()
     with pytest.raises(CheckpointError, match="imgtune export"):
         imgtune.load(tmp_path / "empty_run", backend="onnxruntime")
+
+
+def test_an_onnx_path_works_wherever_a_run_does(run: Path, tmp_path: Path) -> None:
+    """No --backend: predict, eval and the library (serve loads through it) see the .onnx and use onnxruntime."""
+    model = export_onnx(run, run / "model.onnx").path
+    data = Path(imgtune.load(run).checkpoint["config"]["data"]["path"])
+    out = tmp_path / "p.csv"
+    res = runner.invoke(app, ["predict", str(model), str(data / "valid"), "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    onnx_rows = list(csv.DictReader(out.open()))
+    torch_rows, _ = imgtune.load(run, precision="fp32").predict(sorted((data / "valid").glob("*/*.png")))
+    assert sorted(r["label"] for r in onnx_rows) == sorted(r.label for r in torch_rows) and len(onnx_rows) == 12
+    res = runner.invoke(app, ["eval", str(model), str(data), "--split", "valid", "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout[res.stdout.index("{") :])["accuracy"] == pytest.approx(
+        imgtune.evaluate(run, data, "valid").accuracy
+    )
+    assert imgtune.load(model).backend == "onnxruntime"

@@ -60,6 +60,8 @@ def load(
 
 def _first_run_dir(run: Runs) -> Path:
     first = Path(run if isinstance(run, str | Path) else run[0])
+    if first.suffix.lower() == ".onnx":  # RUN/model.onnx, exported beside the run's files
+        return first.parent
     return first if first.is_dir() else resolve_checkpoint(first).parent.parent
 
 

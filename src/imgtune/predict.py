@@ -352,7 +352,11 @@ class EnsemblePredictor(Predictor):
 
 
 def load_predictor(run: Path | str, device: str = "auto", backend: str = "torch", precision: str = "auto") -> Predictor:
-    """precision (torch backend): auto, fp32, bf16 or fp16, as `runtime.inference_dtype` reads it."""
+    """precision (torch backend): auto, fp32, bf16 or fp16, as `runtime.inference_dtype` reads it. An .onnx
+    file always goes to onnxruntime (torch cannot read it), wherever a run or checkpoint is accepted."""
+    if backend == "torch" and Path(run).suffix.lower() == ".onnx":
+        log.info("%s is an ONNX model: using the onnxruntime backend", run)
+        backend = "onnxruntime"
     if backend == "torch":
         return TorchPredictor.load(run, device, precision)
     if backend == "onnxruntime":
