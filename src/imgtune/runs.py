@@ -110,8 +110,10 @@ class RunLock:
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
             return self._acquire()
+        except RunFolderError:  # RunLocked: an OSError too (FileExistsError), and already the message
+            raise
         except OSError as e:  # a read-only or foreign folder: say so, not a traceback
-            raise RunFolderError(f"{self.path}: cannot take the run folder's lock ({e.strerror}); a run folder "
+            raise RunFolderError(f"{self.path}: cannot take the run folder's lock ({e.strerror or e}); a run folder "
                                  "must be writable: choose another --out") from None  # fmt: skip
 
     def _acquire(self) -> RunLock:
