@@ -6,7 +6,6 @@ from __future__ import annotations
 import io
 import sys
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -80,7 +79,7 @@ def _run_cli(args: list[str], monkeypatch: pytest.MonkeyPatch) -> tuple[int, str
 
 
 @pytest.fixture(scope="module")
-def bad(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Path]]:
+def bad(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("bad")
     (root / "empty").mkdir()
     (root / "text.txt").write_text("not an image")
@@ -94,7 +93,7 @@ def bad(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Path]]:
     (run / "checkpoints").mkdir(parents=True)
     (run / "config.yaml").write_text("data: {path: nowhere}\n")
     (run / "checkpoints" / "best.pt").write_bytes(b"\x80\x02 not a checkpoint")
-    yield {"root": root}
+    return root
 
 
 def _bad_inputs(r: Path) -> list[list[str]]:
@@ -116,10 +115,10 @@ def _bad_inputs(r: Path) -> list[list[str]]:
     ]  # fmt: skip
 
 
-def test_no_command_prints_a_traceback_for_bad_input(bad: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.chdir(bad["root"])
+def test_no_command_prints_a_traceback_for_bad_input(bad: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(bad)
     failures = []
-    for args in _bad_inputs(bad["root"]):
+    for args in _bad_inputs(bad):
         try:
             code, err = _run_cli(args, monkeypatch)
         except BaseException as e:  # a traceback is what a user would have seen

@@ -143,7 +143,7 @@ def caption(true: str, predicted: str, confidence: float) -> str:
             lines.append(suffix.strip())
         return "\n".join(lines)
 
-    return fit("true", readable(true)) + "\n" + fit("pred", readable(predicted), f" {confidence:.2f}")
+    return fit("true", true) + "\n" + fit("pred", predicted, f" {confidence:.2f}")
 
 
 def _gallery(images: Sequence[torch.Tensor], captions: Sequence[str], colours: Sequence[str], out: Path) -> Path:
