@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from imgtune.calibration import Calibration
 from imgtune.checkpoint import resolve_checkpoint
@@ -16,6 +18,7 @@ from imgtune.metrics import EvalResult
 from imgtune.predict import (
     EnsemblePredictor,
     InputError,
+    OnnxPredictor,
     Prediction,
     Predictor,
     expand_inputs,
@@ -99,7 +102,32 @@ def evaluate(
     dataset folder; with tta, averaged over test-time augmentation views (and the gain over one view)."""
     predictor = load(run, device, weights=weights, class_names=class_names, precision=precision)
     pairs = eval_samples(Path(data), split, _first_run_dir(run))
-    return predictor.evaluate(pairs, split, batch_size, workers, tta=tta)
+    result = predictor.evaluate(pairs, split, batch_size, workers, tta=tta)
+    if isinstance(predictor, OnnxPredictor) and predictor.precision == "int8":
+        result.reference = _fp32_reference(predictor, pairs, result, batch_size, workers, tta)
+    return result
+
+
+def _fp32_reference(
+    int8: OnnxPredictor, pairs: Sequence[tuple[Path, str]], result: EvalResult, batch_size: int,
+    workers: int | None, tta: bool,
+) -> dict[str, Any]:  # fmt: skip
+    """The fp32 model an int8 file was made from, on the same images: the run's checkpoint beside it, or
+    else the export guard's validation figures from the file's metadata."""
+    run_dir = Path(int8.checkpoint["path"]).parent
+    if (run_dir / "checkpoints").is_dir():
+        fp32 = load_predictor(run_dir, "cpu", "torch", precision="fp32")
+        ref = fp32.evaluate(pairs, result.split, batch_size, workers, tta=tta)
+        mine = {path: pred for path, _, pred, _ in result.samples}
+        same = [mine[path] == pred for path, _, pred, _ in ref.samples if path in mine]
+        model = str(fp32.checkpoint["path"])
+        agreement = sum(same) / max(1, len(same))
+        return {"model": model, "accuracy": ref.accuracy, "agreement": agreement, "same_images": True}
+    guard = json.loads(int8.metadata.get("int8", "{}"))
+    if not guard:
+        return {"model": "unknown", "accuracy": float("nan"), "agreement": float("nan"), "same_images": False}
+    return {"model": f"the export guard's {guard['images']} validation images", "accuracy": guard["fp32_accuracy"],
+            "agreement": guard["agreement"], "same_images": False}  # fmt: skip
 
 
 def calibrate(

@@ -504,15 +504,30 @@ def predict(
 def export(
     run: Annotated[Path, typer.Argument(help="Run folder or checkpoint file.")],
     format: Annotated[str, typer.Option("--format", help="Export format (onnx).")] = "onnx",
-    out: Annotated[Path | None, typer.Option(help="Output file [RUN/model.onnx].")] = None,
+    out: Annotated[Path | None, typer.Option(help="Output file [RUN/model.onnx, RUN/model.int8.onnx].")] = None,
     opset: Annotated[int, typer.Option(help="ONNX opset version.")] = 18,
     images: Annotated[
         list[Path] | None, typer.Option("--images", help="Images for the parity check [the run's data].")
     ] = None,
+    int8: Annotated[
+        bool, typer.Option("--int8", help="Static int8 quantization, written only if it passes the accuracy guard.")
+    ] = False,
+    calibration: Annotated[int, typer.Option(help="--int8: training images to calibrate on.", min=1)] = 256,
+    calibration_method: Annotated[
+        str, typer.Option(help="--int8: auto (each in turn until one passes), minmax, entropy or percentile.")
+    ] = "auto",
 ) -> None:
-    """Export to ONNX (uint8 RGB NCHW in, probabilities out, preprocessing inside), checked against PyTorch."""
+    """Export to ONNX (uint8 RGB NCHW in, probabilities out, preprocessing inside), checked against PyTorch;
+    with --int8, an int8 model checked against the fp32 one on the validation split."""
     if format != "onnx":
         _fail(f"--format {format!r}: only onnx is supported")
+    if int8:
+        from imgtune.quantize import export_int8
+
+        q = export_int8(run, out, calibration=calibration, method=calibration_method, opset=opset,
+                        progress=lambda line: typer.echo(line, err=True))  # fmt: skip
+        typer.echo(f"{q.path}: int8 ({q.method} calibration, {q.calibration_images} images); {q.guard.describe()}")
+        return
     from imgtune.export import PARITY_ATOL, export_onnx
 
     result = export_onnx(run, out, opset, images)

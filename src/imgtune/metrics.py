@@ -46,6 +46,8 @@ class EvalResult:
     tta: bool = False
     accuracy_without_tta: float | None = None  # with --tta: the plain single-view accuracy, for the gain
     top_losses: list[dict[str, Any]] = field(default_factory=list)  # most confidently wrong: {path, true, ...}
+    # an int8 model's fp32 counterpart on the same images: {model, accuracy, agreement}
+    reference: dict[str, Any] | None = None
     # per image (not in to_dict): path, true and predicted class index, top-1 probability
     samples: list[tuple[str, int, int, float]] = field(default_factory=list, repr=False)
 
@@ -81,6 +83,11 @@ class EvalResult:
         if self.tta_gain is not None:
             lines += [f"test-time augmentation: accuracy {self.accuracy:.4f} vs {self.accuracy_without_tta:.4f} "
                       f"without ({self.tta_gain:+.4f})"]  # fmt: skip
+        if self.reference is not None:
+            r = self.reference
+            delta = f" ({self.accuracy - r['accuracy']:+.4f} here)" if r["same_images"] else ""
+            lines += [f"fp32 reference ({r['model']}): accuracy {r['accuracy']:.4f}{delta}; same top-1 class on "
+                      f"{r['agreement']:.2%} of the images"]  # fmt: skip
         if self.skipped:
             lines += ["", f"{len(self.skipped)} unreadable file(s) skipped:"]
             lines += [f"  {s['path']}: {s['reason']}" for s in self.skipped]

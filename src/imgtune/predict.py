@@ -282,7 +282,9 @@ class OnnxPredictor(Predictor):
         )
         self.session = ort.InferenceSession(str(path), providers=ort.get_available_providers())
         self.input_name = INPUT
-        self.backend = "onnxruntime"
+        self.metadata = meta
+        self.precision = meta.get("precision", "fp32")  # "int8" for imgtune export --int8
+        self.backend = "onnxruntime" if self.precision == "fp32" else f"onnxruntime ({self.precision})"
         self.checkpoint = {"path": str(path)}
 
     @classmethod
