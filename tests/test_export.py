@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import csv
 import json
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from PIL import Image
 from typer.testing import CliRunner
 
 import imgtune
@@ -17,6 +20,7 @@ from conftest import small_dataset
 from imgtune.checkpoint import CheckpointError
 from imgtune.cli import app
 from imgtune.export import ExportError, check_parity, export_onnx, read_metadata
+from imgtune.quantize import export_int8
 
 runner = CliRunner()
 
@@ -106,3 +110,57 @@ def test_an_onnx_path_works_wherever_a_run_does(run: Path, tmp_path: Path) -> No
         imgtune.evaluate(run, data, "valid").accuracy
     )
     assert imgtune.load(model).backend == "onnxruntime"
+
+
+def test_the_graph_pads_by_constants_merged_into_its_convs(run: Path, tmp_path: Path) -> None:
+    """timm's TF-style 'SAME' convs compute their padding at run time; exported, that was Shape/Gather/Pad
+    arithmetic that ONNX Runtime did not fuse and that int8 quantization turned into shifted feature maps.
+    Export succeeding means parity with PyTorch held (48 px: asymmetric pads on every stride-2 conv)."""
+    ops = Counter(n.op_type for n in onnx.load(str(export_onnx(run, tmp_path / "m.onnx").path)).graph.node)
+    assert ops["Conv"] == 49 and not {"Pad", "Shape", "Gather", "Ceil"} & set(ops), ops
+
+
+def test_int8_export_passes_its_guard_and_works_wherever_an_onnx_does(run: Path, tmp_path: Path) -> None:
+    res = runner.invoke(app, ["export", str(run), "--int8", "--calibration", "24"])
+    assert res.exit_code == 0, res.output
+    int8, fp32 = run / "model.int8.onnx", export_onnx(run, tmp_path / "fp32.onnx").path
+    meta = read_metadata(int8)
+    guard = json.loads(meta["int8"])
+    assert meta["precision"] == "int8" and guard["method"] == "minmax" and guard["calibration_images"] == 24
+    assert guard["images"] == 12 and guard["agreement"] >= 0.99 and guard["drop"] <= 0.005
+    assert json.loads(meta["classes"]) == ["blue", "green", "red"] and "int8" in res.stdout
+    graph = onnx.load(str(int8)).graph
+    assert any(i.data_type == onnx.TensorProto.INT8 for i in graph.initializer)  # the weights really are int8
+    assert graph.node[-1].op_type == "Softmax"  # probabilities stay fp32
+    assert int8.stat().st_size < 0.4 * fp32.stat().st_size
+    data = Path(imgtune.load(run).checkpoint["config"]["data"]["path"])
+    out = tmp_path / "p.csv"
+    assert runner.invoke(app, ["predict", str(int8), str(data / "valid"), "--out", str(out)]).exit_code == 0
+    assert len(list(csv.DictReader(out.open()))) == 12
+    assert imgtune.load(int8).backend == "onnxruntime (int8)"
+    # eval puts the fp32 model beside it: the run's checkpoint on the same images, or else the guard's figures
+    res = runner.invoke(app, ["eval", str(int8), str(data), "--split", "valid", "--json"])
+    assert res.exit_code == 0, res.output
+    ref = json.loads(res.stdout[res.stdout.index("{") :])["reference"]
+    assert ref["accuracy"] == pytest.approx(imgtune.evaluate(run, data, "valid", precision="fp32").accuracy)
+    assert ref["same_images"] and ref["agreement"] >= 0.99 and ref["model"].endswith("best.pt")
+    alone = tmp_path / "copied.int8.onnx"
+    alone.write_bytes(int8.read_bytes())
+    res = runner.invoke(app, ["eval", str(alone), str(data), "--split", "valid"])
+    assert res.exit_code == 0, res.output
+    assert "fp32 reference (the export guard's 12 validation images)" in res.stdout
+
+
+def test_int8_that_misses_the_guard_is_not_written(run: Path, tmp_path: Path) -> None:
+    """Calibrated on black images, every activation range collapses: the guard must catch it."""
+    black = tmp_path / "black"
+    black.mkdir()
+    for i in range(4):
+        Image.new("RGB", (48, 48)).save(black / f"{i}.png")
+    with pytest.raises(ExportError, match="no int8 model written") as err:
+        export_int8(run, tmp_path / "never.onnx", method="minmax", calibration_images=[black])
+    assert not (tmp_path / "never.onnx").exists()
+    assert "minmax: top-1 agreement" in str(err.value) and "missed by" in str(err.value)
+    assert "try --calibration-method entropy" in str(err.value)
+    with pytest.raises(ExportError, match="choose auto, minmax, entropy, percentile"):
+        export_int8(run, method="kmeans")

@@ -516,6 +516,10 @@ def export(
     calibration_method: Annotated[
         str, typer.Option(help="--int8: auto (each in turn until one passes), minmax, entropy or percentile.")
     ] = "auto",
+    calibration_images: Annotated[
+        list[Path] | None,
+        typer.Option("--calibration-images", help="--int8: calibrate on these files/folders [training images]."),
+    ] = None,
 ) -> None:
     """Export to ONNX (uint8 RGB NCHW in, probabilities out, preprocessing inside), checked against PyTorch;
     with --int8, an int8 model checked against the fp32 one on the validation split."""
@@ -525,7 +529,7 @@ def export(
         from imgtune.quantize import export_int8
 
         q = export_int8(run, out, calibration=calibration, method=calibration_method, opset=opset,
-                        progress=lambda line: typer.echo(line, err=True))  # fmt: skip
+                        calibration_images=calibration_images, progress=lambda line: typer.echo(line, err=True))  # fmt: skip
         typer.echo(f"{q.path}: int8 ({q.method} calibration, {q.calibration_images} images); {q.guard.describe()}")
         return
     from imgtune.export import PARITY_ATOL, export_onnx

@@ -11,6 +11,8 @@ costs up to 0.2 of probability for less than 1% of the time.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 import tempfile
@@ -180,12 +182,15 @@ def export_int8(
     *,
     calibration: int = 256,
     method: str = "auto",
+    calibration_images: Sequence[Path] | None = None,
     opset: int = 18,
     progress: Callable[[str], None] | None = None,
 ) -> Int8Result:
     """Write RUN's best checkpoint as an int8 ONNX model (default RUN/model.int8.onnx) if it passes the guard.
 
-    method: minmax, entropy, percentile, or auto (each in turn until one passes)."""
+    method: minmax, entropy, percentile, or auto (each in turn until one passes). calibration_images: files,
+    folders or globs to calibrate on instead of `calibration` training images (photos like those the model
+    will see in use); the guard still runs on the validation split."""
     import onnx
     import onnxruntime as ort
 
@@ -201,7 +206,13 @@ def export_int8(
     meta = {p.key: p.value for p in onnx.load_from_string(data).metadata_props}
     prep = Preprocessing.from_dict(json.loads(meta["preprocessing"]))
     calib_paths, pairs = _splits(run_dir, calibration)
+    if calibration_images:
+        from imgtune.predict import expand_inputs
+
+        calib_paths = expand_inputs(list(calibration_images))
     calib, _ = _decode(calib_paths, prep)
+    if not len(calib):
+        raise DataError("no readable calibration images: " + ", ".join(map(str, calib_paths[:3])))
     valid, ok = _decode([p for p, _ in pairs], prep)
     classes = json.loads(meta["class_folders"])
     labels = np.array([classes.index(pairs[i][1]) for i in ok])
@@ -216,7 +227,8 @@ def export_int8(
         for name in METHODS if method == "auto" else (method,):
             candidate = Path(tmp) / f"int8-{name}.onnx"
             t0 = time.perf_counter()
-            _quantize(pre, candidate, calib, name)
+            with contextlib.redirect_stdout(io.StringIO()):  # the histogram calibrators print their progress
+                _quantize(pre, candidate, calib, name)
             seconds = time.perf_counter() - t0
             int8 = ort.InferenceSession(str(candidate), providers=["CPUExecutionProvider"])
             guard = compare(fp32, int8, valid, labels)
