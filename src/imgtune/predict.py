@@ -11,6 +11,7 @@ import json
 import logging
 import os
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -86,14 +87,24 @@ def _collate(
 def decoded_batches(
     paths: Sequence[Path], prep: Preprocessing, batch_size: int, workers: int
 ) -> Iterator[tuple[torch.Tensor | None, list[int], list[tuple[int, str]]]]:
-    """(images, their indices into paths, [(index, reason)] of unreadable ones), decoded in `workers`
-    processes so that decoding overlaps with the model's compute. On a 2-core CPU overlap loses: decoding is
-    ~15% of the time and a decoding thread or process takes a core from the model (measured: 610-630
-    images/s in-process, 555-560 with one worker process, 530-550 with a decoding thread)."""
-    loader = DataLoader(
-        _Decoded(paths, prep), batch_size=batch_size, num_workers=workers, collate_fn=_collate, shuffle=False
-    )
-    yield from loader
+    """(images, their indices into paths, [(index, reason)] of unreadable ones).
+
+    workers > 0: decoded in that many processes, overlapping the model's compute (many cores). workers = 0
+    (the default on 2 cores): each batch is decoded by one thread per core while the model waits, then the
+    model runs on all cores, so the two never compete for a core (Pillow and the resize release the GIL).
+    Measured on 2 cores (benchmarks/results/predict_path.md): against decoding in the main thread, 1.3-1.45x
+    images/s on JPEG photos and 1.7-1.8x on 12-MP camera JPEGs, the same on small PNGs; decoding the next batch
+    while the model runs gained nothing more, and a decoding process lost (530-560 against 610-630)."""
+    if workers > 0:
+        loader = DataLoader(
+            _Decoded(paths, prep), batch_size=batch_size, num_workers=workers, collate_fn=_collate, shuffle=False
+        )
+        yield from loader
+        return
+    dataset = _Decoded(paths, prep)
+    with ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1))) as pool:
+        for start in range(0, len(paths), batch_size):
+            yield _collate(list(pool.map(dataset.__getitem__, range(start, min(start + batch_size, len(paths))))))
 
 
 @dataclass

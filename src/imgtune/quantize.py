@@ -83,10 +83,8 @@ def _even(items: Sequence[Any], n: int) -> list[Any]:
 def _decode(paths: Sequence[Path], prep: Preprocessing) -> tuple[np.ndarray, list[int]]:
     from imgtune.data import decode_many
 
-    images, ok, skipped = decode_many(list(paths), prep)
-    for s in skipped:
-        log.warning("skipped unreadable image %s: %s", s.path, s.reason)
-    return images[ok].numpy(), ok
+    images, ok, _ = decode_many(list(paths), prep)  # it reports the unreadable ones; images holds the rest
+    return images.numpy(), ok
 
 
 class _Reader:
