@@ -144,7 +144,8 @@ def one_run(run: Path, limit: int, batch: int, peaks: tuple[float, float]) -> li
         peak = peaks[1] if "int8" in name else peaks[0]
         acc, same = (preds[name] == labels).float().mean(), (preds[name] == ref).float().mean()
         ratio = speed[name] / speed["ONNX Runtime fp32"]
-        rows.append(f"| {name} | {acc:.4f} | {same:.2%} | {speed[name]:.0f} | {ratio:.2f}x | {latency_ms(p, images[:1]):.1f} | "
+        late = latency_ms(p, images[:1])
+        rows.append(f"| {name} | {acc:.4f} | {same:.2%} | {speed[name]:.0f} | {ratio:.2f}x | {late:.1f} | "
                     f"{gmacs:.0f} | {gmacs / peak:.0%} |")  # fmt: skip
         print(rows[-1], flush=True)
     return [*rows, ""]
