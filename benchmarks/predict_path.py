@@ -162,7 +162,8 @@ def main() -> None:
         sets = {"PNG (Fashion-MNIST, 28 px)": pngs, "JPEG photos, own size": small, "JPEG photos, 12 MP": large}
         table = {name: stages(paths, prep, models) for name, paths in sets.items()}
         keys = list(next(iter(table.values())))
-        lines += ["ms per image, one thread, in-process (model rows: batch 64, prepared uint8 in RAM):", "",
+        lines += ["ms per image in this process; decode and resize on one thread, the model rows on all cores at batch "
+                  "64 from prepared uint8 tensors in RAM:", "",
                   "| stage | " + " | ".join(table) + " |", "|---|" + "---|" * len(table)]  # fmt: skip
         lines += [f"| {k} | " + " | ".join(f"{table[s][k]:.2f}" for s in table) + " |" for k in keys]
         print("\n".join(lines), flush=True)

@@ -10,7 +10,6 @@ RUN needs model.onnx (imgtune export RUN). Results go to benchmarks/results/serv
 from __future__ import annotations
 
 import argparse
-import platform
 import socket
 import statistics
 import subprocess
@@ -21,6 +20,7 @@ from pathlib import Path
 
 import httpx
 import torch
+from machine import cpu_description
 
 import imgtune
 
@@ -88,15 +88,18 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=16)
     args = ap.parse_args()
     images = [p.read_bytes() for p in sorted(args.images.rglob("*.png"))[:100]]
-    rows = {b: measure(args.run, b, images, args.requests, args.clients) for b in ("torch", "onnxruntime")}
+    targets = {"torch": (args.run, "torch"), "onnxruntime": (args.run, "onnxruntime")}
+    if (args.run / "model.int8.onnx").is_file():  # imgtune export RUN --int8
+        targets["onnxruntime int8"] = (args.run / "model.int8.onnx", "onnxruntime")
+    rows = {name: measure(target, b, images, args.requests, args.clients) for name, (target, b) in targets.items()}
     size = imgtune.load(args.run).prep.img_size
     lines = [
-        "# Serving latency: torch vs onnxruntime",
+        "# Serving latency: torch vs onnxruntime (fp32, and int8 where RUN/model.int8.onnx exists)",
         "",
         f"`python benchmarks/serve_latency.py {args.run} {args.images} "
         f"--requests {args.requests} --clients {args.clients}`",
         "",
-        f"Machine: {platform.platform()}, {torch.get_num_threads()} torch threads; model input {size}x{size};",
+        f"Machine: {cpu_description()}, {torch.get_num_threads()} torch threads; model input {size}x{size};",
         f"one PNG per request; {args.requests} sequential requests (latency), then {args.requests} requests from",
         f"{args.clients} concurrent clients with keep-alive connections (throughput, server-side batching).",
         "Server (`imgtune serve`) and clients share the machine's cores.",
@@ -108,9 +111,12 @@ def main() -> None:
         lines.append(
             f"| {b} | {r['p50_ms']:.1f} | {r['p95_ms']:.1f} | {r['sequential_rps']:.1f} | {r['concurrent_rps']:.1f} |"
         )
-    t, o = rows["torch"], rows["onnxruntime"]
-    lines += ["", f"onnxruntime / torch: p50 {o['p50_ms'] / t['p50_ms']:.2f}x, concurrent throughput "
-              f"{o['concurrent_rps'] / t['concurrent_rps']:.2f}x"]  # fmt: skip
+    t = rows["torch"]
+    lines += [""]
+    for name, o in rows.items():
+        if name != "torch":
+            lines.append(f"{name} / torch: p50 {o['p50_ms'] / t['p50_ms']:.2f}x, concurrent throughput "
+                         f"{o['concurrent_rps'] / t['concurrent_rps']:.2f}x")  # fmt: skip
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

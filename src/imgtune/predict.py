@@ -10,6 +10,7 @@ import io
 import json
 import logging
 import os
+import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -31,6 +32,9 @@ from imgtune.runtime import autocast, inference_dtype, pick_device, tune_allocat
 from imgtune.transforms import Preprocessing
 
 log = logging.getLogger(__name__)
+# decode a batch on several threads only when one image costs more than this on one thread: for small images
+# (a 28-px PNG: 0.3 ms) the threads' hand-offs cost more than they share (measured: 800 against 878 images/s)
+PARALLEL_DECODE_S = 0.001
 
 
 class InputError(UserError, ValueError):
@@ -90,11 +94,14 @@ def decoded_batches(
     """(images, their indices into paths, [(index, reason)] of unreadable ones).
 
     workers > 0: decoded in that many processes, overlapping the model's compute (many cores). workers = 0
-    (the default on 2 cores): each batch is decoded by one thread per core while the model waits, then the
-    model runs on all cores, so the two never compete for a core (Pillow and the resize release the GIL).
-    Measured on 2 cores (benchmarks/results/predict_path.md): against decoding in the main thread, 1.3-1.45x
-    images/s on JPEG photos and 1.7-1.8x on 12-MP camera JPEGs, the same on small PNGs; decoding the next batch
-    while the model runs gained nothing more, and a decoding process lost (530-560 against 610-630)."""
+    (the default on 2 cores): the model waits while a batch decodes, then runs on all cores, so the two never
+    compete for a core; a batch is shared between one thread per core (Pillow and the resize release the GIL)
+    when an image costs more than PARALLEL_DECODE_S to decode, else decoded in this thread. Measured on 2
+    cores with the int8 model (benchmarks/results/predict_path.md): threads gave 1.4-1.6x images/s on JPEG
+    photos and 1.8x on 12-MP camera JPEGs, and lost 2-9% on 28-px PNGs; decoding the next batch while the model
+    runs gained nothing, and a decoding process lost (530-560 against 610-630 images/s, torch fp32). torch's
+    own threads are set to one while a batch decodes: a small image's resize is too short to split (decoding
+    alone ran 10-15% faster)."""
     if workers > 0:
         loader = DataLoader(
             _Decoded(paths, prep), batch_size=batch_size, num_workers=workers, collate_fn=_collate, shuffle=False
@@ -102,9 +109,32 @@ def decoded_batches(
         yield from loader
         return
     dataset = _Decoded(paths, prep)
-    with ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1))) as pool:
+    threads = max(1, min(8, os.cpu_count() or 1))
+    model_threads = torch.get_num_threads()
+    cost: float | None = None  # seconds one image took to decode on one thread, in the last batch
+
+    def decode(indices: range) -> list[tuple[torch.Tensor | None, int, str]]:
+        return [dataset[i] for i in indices]
+
+    with ThreadPoolExecutor(max_workers=threads) as pool:
         for start in range(0, len(paths), batch_size):
-            yield _collate(list(pool.map(dataset.__getitem__, range(start, min(start + batch_size, len(paths))))))
+            batch = range(start, min(start + batch_size, len(paths)))
+            torch.set_num_threads(1)  # one core per decoding thread: the resize's own threads only contended
+            try:
+                items = []
+                if cost is None:  # the first image, alone, tells what decoding costs here
+                    t0 = time.perf_counter()
+                    items, batch = decode(batch[:1]), batch[1:]
+                    cost = time.perf_counter() - t0
+                parallel = threads > 1 and cost > PARALLEL_DECODE_S
+                t0 = time.perf_counter()
+                shares = pool.map(decode, [batch[k::threads] for k in range(threads)]) if parallel else [decode(batch)]
+                items += [item for share in shares for item in share]
+                if len(batch):
+                    cost = (time.perf_counter() - t0) * (threads if parallel else 1) / len(batch)
+            finally:
+                torch.set_num_threads(model_threads)
+            yield _collate(sorted(items, key=lambda item: item[1]))
 
 
 @dataclass
@@ -282,16 +312,20 @@ class OnnxPredictor(Predictor):
     def __init__(self, path: Path) -> None:
         import onnxruntime as ort
 
-        from imgtune.export import INPUT, read_metadata
+        from imgtune.export import INPUT, ExportError
 
-        meta = read_metadata(path)
+        try:  # the metadata comes from the session: importing onnx to read it cost 0.7 s of a predict's start
+            session = ort.InferenceSession(str(path), providers=ort.get_available_providers())
+        except Exception as e:  # a damaged or foreign file: ORT's InvalidProtobuf, Fail, ...
+            raise ExportError(f"{path}: not a readable ONNX model ({type(e).__name__}: {str(e)[:200]})") from None
+        meta: dict[str, str] = dict(session.get_modelmeta().custom_metadata_map)
         if "preprocessing" not in meta or "classes" not in meta:
             raise CheckpointError(f"{path}: not an imgtune ONNX export (no classes/preprocessing metadata)")
         folders = json.loads(meta.get("class_folders", meta["classes"]))
         super().__init__(
             Preprocessing.from_dict(json.loads(meta["preprocessing"])), folders, json.loads(meta["classes"])
         )
-        self.session = ort.InferenceSession(str(path), providers=ort.get_available_providers())
+        self.session = session
         self.input_name = INPUT
         self.metadata = meta
         self.precision = meta.get("precision", "fp32")  # "int8" for imgtune export --int8
