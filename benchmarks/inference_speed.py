@@ -68,7 +68,6 @@ def fp32_gemm_peak(n: int = 2048) -> float:
 
 def int8_gemm_peak(n: int = 2048) -> float:
     """GMAC/s of ONNX Runtime's u8 x s8 MatMulInteger (the kernel family QLinearConv uses)."""
-    import onnx
     import onnxruntime as ort
     from onnx import TensorProto, helper
 
@@ -79,7 +78,7 @@ def int8_gemm_peak(n: int = 2048) -> float:
         [helper.make_tensor_value_info("y", TensorProto.INT32, [n, n])],
     )  # fmt: skip
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    session = ort.InferenceSession(onnx._serialize(model), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(0)
     feed = {"a": rng.integers(0, 255, (n, n), dtype=np.uint8), "b": rng.integers(-127, 127, (n, n), dtype=np.int8)}
     session.run(None, feed)

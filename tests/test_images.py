@@ -166,3 +166,36 @@ def test_resize_policies_crop_squash_pad() -> None:
     assert Preprocessing.from_dict({**base, "resize": "shorter-side", "crop": "center"}).resize == "crop"  # old files
     with pytest.raises(ValueError, match="resize 'zoom'"):
         Preprocessing(**base, resize="zoom")
+
+
+@pytest.mark.parametrize("threshold", [0.0, float("inf")], ids=["threads", "in-thread"])
+def test_predict_batches_keep_order_and_report_bad_files_either_way(
+    tmp_path: Path, threshold: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch is decoded on a thread per core when images are costly, else in the caller's thread: both give
+    the same tensors in the order of the paths, the unreadable files by index, and torch's threads back."""
+    import importlib
+
+    from imgtune.data import decode_prepared
+    from imgtune.transforms import Preprocessing
+
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(11):
+        p = tmp_path / f"{i:02d}.jpg"
+        if i in (3, 8):
+            p.write_bytes(b"not an image")
+        else:
+            Image.fromarray(rng.integers(0, 255, (40 + i, 60, 3), dtype=np.uint8)).save(p)
+        paths.append(p)
+    predict = importlib.import_module("imgtune.predict")  # the module: imgtune.predict is also a function
+    prep = Preprocessing(img_size=32, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    monkeypatch.setattr(predict, "PARALLEL_DECODE_S", threshold)
+    threads = torch.get_num_threads()
+    got = list(predict.decoded_batches(paths, prep, batch_size=4, workers=0))
+    assert torch.get_num_threads() == threads
+    kept = [i for _, idx, _ in got for i in idx]
+    assert kept == [i for i in range(11) if i not in (3, 8)]
+    assert [i for _, _, bad in got for i, _ in bad] == [3, 8]
+    images = torch.cat([b for b, _, _ in got if b is not None])
+    assert torch.equal(images, torch.stack([decode_prepared(paths[i], prep) for i in kept]))

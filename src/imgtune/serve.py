@@ -356,5 +356,6 @@ def serve(
     predictor = load_predictor(run, device, backend, precision)
     app = create_app(predictor, token=token, max_upload_mb=max_upload_mb, read_timeout_s=read_timeout_s,
                      max_active=max_active)  # fmt: skip
-    print(f"imgtune serving {predictor.checkpoint.get('path', run)} ({backend}) on http://{host}:{port}/", flush=True)
+    source = predictor.checkpoint.get("path", run)
+    print(f"imgtune serving {source} ({predictor.backend}) on http://{host}:{port}/", flush=True)
     uvicorn.Server(server_config(app, host, port, read_timeout_s)).run()
