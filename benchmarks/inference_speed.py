@@ -8,7 +8,7 @@ folder; accuracy is on up to --images test images (evenly spaced), decoded once 
 the model's alone (the whole predict path is benchmarks/predict_path.py). Throughput: the backends take turns,
 three rounds, best round kept (a shared machine's noise hits them alike). Physical limit: multiply-accumulates
 per image (counted on the PyTorch model: convolutions and linear layers) times images/s, against a large
-fp32 GEMM (torch) and a large u8 x s8 GEMM (ONNX Runtime's MatMulInteger) measured on the same cores.
+fp32 (and bf16) GEMM (torch) and a large u8 x s8 GEMM (ONNX Runtime's MatMulInteger) measured on the same cores.
 Results go to benchmarks/results/inference_speed.md.
 """
 
@@ -45,7 +45,7 @@ def macs_per_image(model: nn.Module, size: int) -> int:
         nonlocal total
         total += m.in_features * m.out_features
 
-    hooks = [m.register_forward_hook(conv if isinstance(m, nn.Conv2d) else linear)  # type: ignore[arg-type]
+    hooks = [m.register_forward_hook(conv if isinstance(m, nn.Conv2d) else linear)
              for m in model.modules() if isinstance(m, nn.Conv2d | nn.Linear)]  # fmt: skip
     with torch.inference_mode():
         model.eval()(torch.zeros(1, 3, size, size, dtype=torch.uint8))
@@ -54,9 +54,9 @@ def macs_per_image(model: nn.Module, size: int) -> int:
     return total
 
 
-def fp32_gemm_peak(n: int = 2048) -> float:
-    """GMAC/s of torch's fp32 matrix product on all cores: what the convolutions could reach at best."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def gemm_peak(n: int = 2048, dtype: torch.dtype = torch.float32) -> float:
+    """GMAC/s of torch's matrix product on all cores: what the convolutions could reach at best."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     a @ b
     best = 0.0
     for _ in range(5):
@@ -114,7 +114,7 @@ def latency_ms(p: Predictor, image: torch.Tensor, reps: int = 30) -> float:
     return statistics.median(times) * 1e3
 
 
-def one_run(run: Path, limit: int, batch: int, peaks: tuple[float, float]) -> list[str]:
+def one_run(run: Path, limit: int, batch: int, peaks: dict[str, float]) -> list[str]:
     ckpt = load_checkpoint(resolve_checkpoint(run))
     prep = ckpt.preprocessing
     data = Path(ckpt.config["data"]["path"])
@@ -140,7 +140,7 @@ def one_run(run: Path, limit: int, batch: int, peaks: tuple[float, float]) -> li
             "latency, 1 image (ms) | GMAC/s | of the GEMM peak |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for name, p in predictors.items():
         gmacs = macs * speed[name] / 1e9
-        peak = peaks[1] if "int8" in name else peaks[0]
+        peak = peaks["int8" if "int8" in name else "bf16" if "bfloat16" in name else "fp32"]
         acc, same = (preds[name] == labels).float().mean(), (preds[name] == ref).float().mean()
         ratio = speed[name] / speed["ONNX Runtime fp32"]
         late = latency_ms(p, images[:1])
@@ -156,10 +156,10 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=2000)
     ap.add_argument("--batch", type=int, default=64)
     args = ap.parse_args()
-    peaks = (fp32_gemm_peak(), int8_gemm_peak())
+    peaks = {"fp32": gemm_peak(), "bf16": gemm_peak(dtype=torch.bfloat16), "int8": int8_gemm_peak()}
     lines = ["# Inference speed per backend", "", f"{cpu_description()}, {torch.get_num_threads()} threads; measured "
-             f"GEMM peaks on these cores: fp32 {peaks[0]:.0f} GMAC/s (torch), u8 x s8 {peaks[1]:.0f} GMAC/s "
-             "(ONNX Runtime MatMulInteger)", ""]  # fmt: skip
+             f"GEMM peaks on these cores: fp32 {peaks['fp32']:.0f} GMAC/s and bf16 {peaks['bf16']:.0f} GMAC/s "
+             f"(torch), u8 x s8 {peaks['int8']:.0f} GMAC/s (ONNX Runtime MatMulInteger)", ""]  # fmt: skip
     for run in args.runs:
         lines += one_run(run, args.images, args.batch, peaks)
     OUT.write_text("\n".join(lines))

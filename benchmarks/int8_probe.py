@@ -6,7 +6,8 @@ settings, each against the fp32 model on the run's validation images, side by si
 RUN needs model.onnx (imgtune export RUN) and its data folder. Calibration images come from the training
 split, through imgtune's own pixel path (decode_prepared), in equal batches of 8. For each setting: top-1
 agreement with fp32, accuracy, max |Δp| and images/s against fp32 (one batch, same session options).
-Results go to benchmarks/results/int8_probe.md. Nothing here is used by imgtune yet.
+Results go to benchmarks/results/int8_probe.md (that file predates the export's padding fix). imgtune's own
+`export --int8` (quantize.py) uses minmax on every op but the classifier and softmax, behind an accuracy guard.
 """
 
 from __future__ import annotations
