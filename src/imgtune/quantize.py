@@ -174,6 +174,24 @@ def _splits(run_dir: Path, calibration: int) -> tuple[list[Path], list[tuple[Pat
     return [p for p, _ in _even(train, calibration)], _even(valid, GUARD_LIMIT)
 
 
+def _images(
+    run_dir: Path, meta: dict[str, str], calibration: int, calibration_images: Sequence[Path] | None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(calibration images, validation images, their class indices), prepared as the model's input."""
+    prep = Preprocessing.from_dict(json.loads(meta["preprocessing"]))
+    calib_paths, pairs = _splits(run_dir, calibration)
+    if calibration_images:
+        from imgtune.predict import expand_inputs
+
+        calib_paths = expand_inputs(list(calibration_images))
+    calib, _ = _decode(calib_paths, prep)
+    if not len(calib):
+        raise DataError("no readable calibration images: " + ", ".join(map(str, calib_paths[:3])))
+    valid, ok = _decode([p for p, _ in pairs], prep)
+    classes = json.loads(meta["class_folders"])
+    return calib, valid, np.array([classes.index(pairs[i][1]) for i in ok])
+
+
 def export_int8(
     run: Path | str,
     out: Path | str | None = None,
@@ -202,18 +220,7 @@ def export_int8(
     out_path = Path(out) if out is not None else run_dir / "model.int8.onnx"
     data, _ = onnx_model(ckpt_path, opset)
     meta = {p.key: p.value for p in onnx.load_from_string(data).metadata_props}
-    prep = Preprocessing.from_dict(json.loads(meta["preprocessing"]))
-    calib_paths, pairs = _splits(run_dir, calibration)
-    if calibration_images:
-        from imgtune.predict import expand_inputs
-
-        calib_paths = expand_inputs(list(calibration_images))
-    calib, _ = _decode(calib_paths, prep)
-    if not len(calib):
-        raise DataError("no readable calibration images: " + ", ".join(map(str, calib_paths[:3])))
-    valid, ok = _decode([p for p, _ in pairs], prep)
-    classes = json.loads(meta["class_folders"])
-    labels = np.array([classes.index(pairs[i][1]) for i in ok])
+    calib, valid, labels = _images(run_dir, meta, calibration, calibration_images)
     tried: list[tuple[str, Guard]] = []
     with tempfile.TemporaryDirectory(prefix="imgtune-int8-") as tmp:
         fp32_path, pre = Path(tmp) / "fp32.onnx", Path(tmp) / "pre.onnx"
