@@ -29,7 +29,7 @@ runner = CliRunner()
 def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     data = small_dataset(tmp_path_factory, "export", train=8, valid=4)
     cfg = imgtune.build_config(overrides={"data.path": data, "out": data.parent / "run", "data.img_size": 48,
-                                          "train.epochs_frozen": 5, "train.epochs": 1})  # fmt: skip
+                                          "train.epochs_frozen": 30, "train.lr": 3e-3, "train.epochs": 1})  # fmt: skip
     return imgtune.train(cfg).run_dir
 
 
@@ -121,12 +121,12 @@ def test_the_graph_pads_by_constants_merged_into_its_convs(run: Path, tmp_path: 
 
 
 def test_int8_export_passes_its_guard_and_works_wherever_an_onnx_does(run: Path, tmp_path: Path) -> None:
-    res = runner.invoke(app, ["export", str(run), "--int8", "--calibration", "24"])
+    res = runner.invoke(app, ["export", str(run), "--int8", "--calibration", "20"])
     assert res.exit_code == 0, res.output
     int8, fp32 = run / "model.int8.onnx", export_onnx(run, tmp_path / "fp32.onnx").path
     meta = read_metadata(int8)
     guard = json.loads(meta["int8"])
-    assert meta["precision"] == "int8" and guard["method"] == "minmax" and guard["calibration_images"] == 24
+    assert meta["precision"] == "int8" and guard["method"] == "minmax" and guard["calibration_images"] == 16
     assert guard["images"] == 12 and guard["agreement"] >= 0.99 and guard["drop"] <= 0.005
     assert json.loads(meta["classes"]) == ["blue", "green", "red"] and "int8" in res.stdout
     graph = onnx.load(str(int8)).graph
@@ -164,3 +164,29 @@ def test_int8_that_misses_the_guard_is_not_written(run: Path, tmp_path: Path) ->
     assert "try --calibration-method entropy" in str(err.value)
     with pytest.raises(ExportError, match="choose auto, minmax, entropy, percentile"):
         export_int8(run, method="kmeans")
+
+
+def test_an_int8_model_is_served_like_any_onnx(run: Path) -> None:
+    """`imgtune serve RUN/model.int8.onnx` in its own process answers what the int8 model gives offline."""
+    import sys
+
+    import httpx
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from serve_soak import start_server
+
+    int8 = run / "model.int8.onnx"
+    if not int8.is_file():
+        export_int8(run, calibration=24)
+    data = Path(imgtune.load(run).checkpoint["config"]["data"]["path"])
+    paths = sorted((data / "valid").glob("*/*.png"))
+    want = [r.label for r in imgtune.load(int8).predict(paths)[0]]
+    proc, base = start_server(int8)
+    try:
+        assert httpx.get(f"{base}/health").json()["backend"] == "onnxruntime (int8)"
+        res = httpx.post(f"{base}/predict", files=[("file", (p.name, p.read_bytes())) for p in paths], timeout=60)
+        assert res.status_code == 200, res.text
+        assert [r["label"] for r in res.json()] == want
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

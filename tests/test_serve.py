@@ -355,18 +355,3 @@ def test_no_endpoint_takes_a_path_or_a_model_from_the_client(run: Path) -> None:
     assert routes == {("/", ("GET",)), ("/health", ("GET",)), ("/classes", ("GET",)), ("/predict", ("POST",))}
     predict = next(r for r in app.routes if isinstance(r, APIRoute) and r.path == "/predict")
     assert {p.name for p in predict.dependant.query_params} == {"k"}  # only top-k: no path, no model name
-
-
-def test_an_int8_model_is_served_like_any_onnx(run: Path, valid_images: list[tuple[Path, str]]) -> None:
-    """export --int8 writes only past its guard (all of these validation images agree with fp32), so the
-    server must answer exactly the fp32 model's labels."""
-    from imgtune.quantize import export_int8
-
-    int8 = export_int8(run, calibration=30).path
-    paths = [p for p, _ in valid_images]
-    want = [r.label for r in imgtune.load(run, precision="fp32").predict(paths)[0]]
-    with Server(create_app(imgtune.load(int8))) as base:
-        assert httpx.get(f"{base}/health").json()["backend"] == "onnxruntime (int8)"
-        res = _post(base, *[(p.name, p.read_bytes()) for p in paths])
-        assert res.status_code == 200, res.text
-        assert [r["label"] for r in res.json()] == want

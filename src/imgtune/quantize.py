@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 MIN_AGREEMENT = 0.99  # top-1 agreement with the fp32 model on the validation split
 MAX_DROP = 0.005  # accuracy drop against fp32, in accuracy (0.005 = half a point)
 METHODS = ("minmax", "entropy", "percentile")  # "auto" tries them in this order: cheapest first
+CALIBRATION_BATCH = 16  # calibration images are used in whole batches of this size (fewer: one batch)
 GUARD_LIMIT = 5000  # validation images compared at most (evenly spaced): resolution 0.02%, a minute here
 
 
@@ -90,8 +91,9 @@ def _decode(paths: Sequence[Path], prep: Preprocessing) -> tuple[np.ndarray, lis
 class _Reader:
     """ONNX Runtime's CalibrationDataReader protocol over prepared uint8 images, in batches."""
 
-    def __init__(self, images: np.ndarray, batch: int = 16) -> None:
-        self.batches = iter([images[i : i + batch] for i in range(0, len(images), batch)])
+    def __init__(self, images: np.ndarray, batch: int = 16) -> None:  # CALIBRATION_BATCH
+        batch = max(1, min(batch, len(images)))  # equal batches (see _images)
+        self.batches = iter([images[i : i + batch] for i in range(0, len(images) - batch + 1, batch)])
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         b = next(self.batches, None)
@@ -185,6 +187,8 @@ def _images(
 
         calib_paths = expand_inputs(list(calibration_images))
     calib, _ = _decode(calib_paths, prep)
+    if len(calib) > CALIBRATION_BATCH:  # ORT's histogram calibrators fail on a shorter last batch
+        calib = calib[: len(calib) - len(calib) % CALIBRATION_BATCH]
     if not len(calib):
         raise DataError("no readable calibration images: " + ", ".join(map(str, calib_paths[:3])))
     valid, ok = _decode([p for p, _ in pairs], prep)
