@@ -107,11 +107,12 @@ def _classifier_nodes(model_path: Path) -> list[str]:
     graph = onnx.load(str(model_path)).graph
     producer = {out: n for n in graph.node for out in n.output}
     found: list[str] = []
-    frontier = [OUTPUT]
+    frontier, seen = [OUTPUT], set()
     while frontier:
         node = producer.get(frontier.pop())
-        if node is None:
+        if node is None or node.name in seen:  # residual joins reach a node by several paths
             continue
+        seen.add(node.name)
         if node.op_type in ("Gemm", "MatMul"):
             found.append(node.name)
             continue
