@@ -289,5 +289,10 @@ def read_metadata(path: Path) -> dict[str, str]:
     except FileNotFoundError:
         raise ExportError(f"{path}: file not found") from None
     except Exception as e:  # protobuf's DecodeError and friends: a damaged or foreign file
-        raise ExportError(f"{path}: not a readable ONNX model ({type(e).__name__}: {str(e)[:200]})") from None
+        raise unreadable(path, e) from None
     return {p.key: p.value for p in proto.metadata_props}
+
+
+def unreadable(path: Path, e: Exception) -> ExportError:
+    """The one message for a damaged or foreign .onnx file, whichever library found it."""
+    return ExportError(f"{path}: not a readable ONNX model ({type(e).__name__}: {str(e)[:200]})")

@@ -312,12 +312,12 @@ class OnnxPredictor(Predictor):
     def __init__(self, path: Path) -> None:
         import onnxruntime as ort
 
-        from imgtune.export import INPUT, ExportError
+        from imgtune.export import INPUT, unreadable
 
         try:  # the metadata comes from the session: importing onnx to read it cost 0.7 s of a predict's start
             session = ort.InferenceSession(str(path), providers=ort.get_available_providers())
         except Exception as e:  # a damaged or foreign file: ORT's InvalidProtobuf, Fail, ...
-            raise ExportError(f"{path}: not a readable ONNX model ({type(e).__name__}: {str(e)[:200]})") from None
+            raise unreadable(path, e) from None
         meta: dict[str, str] = dict(session.get_modelmeta().custom_metadata_map)
         if "preprocessing" not in meta or "classes" not in meta:
             raise CheckpointError(f"{path}: not an imgtune ONNX export (no classes/preprocessing metadata)")

@@ -91,7 +91,7 @@ def _decode(paths: Sequence[Path], prep: Preprocessing) -> tuple[np.ndarray, lis
 class _Reader:
     """ONNX Runtime's CalibrationDataReader protocol over prepared uint8 images, in batches."""
 
-    def __init__(self, images: np.ndarray, batch: int = 16) -> None:  # CALIBRATION_BATCH
+    def __init__(self, images: np.ndarray, batch: int = CALIBRATION_BATCH) -> None:
         batch = max(1, min(batch, len(images)))  # equal batches (see _images)
         self.batches = iter([images[i : i + batch] for i in range(0, len(images) - batch + 1, batch)])
 
