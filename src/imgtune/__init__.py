@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 _WHERE = {
-    "PredictResult": "api", "TrainResult": "api", "calibrate": "api", "evaluate": "api", "load": "api",
-    "predict": "api", "resume": "api", "train": "api", "compare": "compare", "RECIPES": "config",
+    "ExplainResult": "api", "PredictResult": "api", "TrainResult": "api", "calibrate": "api", "evaluate": "api",
+    "explain": "api", "load": "api", "predict": "api", "resume": "api", "train": "api", "compare": "compare", "RECIPES": "config",
     "Config": "config", "ConfigError": "config", "build_config": "config", "EvalResult": "metrics",
     "Classifier": "models", "create_model": "models", "EnsemblePredictor": "predict", "OnnxPredictor": "predict",
     "Predictor": "predict", "TorchPredictor": "predict",
@@ -58,7 +58,18 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # for type checkers and editors: the same names, eagerly (__all__ re-exports them)
     # ruff: noqa: F401
-    from imgtune.api import PredictResult, TrainResult, calibrate, evaluate, load, predict, resume, train
+    from imgtune.api import (
+        ExplainResult,
+        PredictResult,
+        TrainResult,
+        calibrate,
+        evaluate,
+        explain,
+        load,
+        predict,
+        resume,
+        train,
+    )
     from imgtune.compare import compare
     from imgtune.config import RECIPES, Config, ConfigError, build_config
     from imgtune.metrics import EvalResult

@@ -501,6 +501,37 @@ def predict(
 
 
 @app.command()
+def explain(
+    items: Annotated[list[str], typer.Argument(help="RUN, then image files, folders (recursive), globs.")],
+    out: Annotated[Path, typer.Option(help="Folder for the overlays, explain.csv and heatmaps.npz.")],
+    method: Annotated[str, typer.Option(help="gradcam, or occlusion (49 forward passes an image).")] = "gradcam",
+    target: Annotated[
+        str | None, typer.Option("--class", help="Explain this class (folder or display name) [the predicted one].")
+    ] = None,
+    layer: Annotated[
+        str | None, typer.Option(help="Module name to explain, e.g. backbone.blocks.5 [the last conv block].")
+    ] = None,
+    batch_size: Annotated[int, typer.Option(min=1)] = 16,
+    device: Annotated[Device, typer.Option()] = "auto",
+) -> None:
+    """Where the model looks: a class activation map per image, as an overlay PNG, its peak in the image's own
+    pixels (explain.csv) and the raw map at the model's input size (heatmaps.npz)."""
+    runs, paths = _runs_first(items, False, "images")
+    if not paths:
+        _fail("give images, folders or globs after the run")
+    from imgtune.api import explain as run_explain
+
+    result = run_explain(runs[0], paths, out, method=method, target=target, layer=layer, device=device,
+                         batch_size=batch_size)  # fmt: skip
+    typer.echo(f"{len(result.rows)} {result.method} map(s) of {result.layer} written to {result.out} "
+               f"(overlays, explain.csv, heatmaps.npz)")  # fmt: skip
+    if result.skipped:
+        typer.echo(f"{len(result.skipped)} unreadable file(s) skipped:", err=True)
+        for s in result.skipped:
+            typer.echo(f"  {s['path']}: {s['reason']}", err=True)
+
+
+@app.command()
 def export(
     run: Annotated[Path, typer.Argument(help="Run folder or checkpoint file.")],
     format: Annotated[str, typer.Option("--format", help="Export format (onnx).")] = "onnx",

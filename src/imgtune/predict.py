@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 from imgtune.checkpoint import CheckpointError, load_checkpoint, resolve_checkpoint
 from imgtune.data import decode_prepared
 from imgtune.errors import UserError
+from imgtune.explain import ExplainError, Explainer, Explanation, class_index, iter_explanations, make_explainer
 from imgtune.files import atomic_write_text
 from imgtune.images import ImageError
 from imgtune.layouts import DataError, list_files, natural_key, readable
@@ -264,6 +265,34 @@ class Predictor:
         tops = self.top_k(sc.logits.softmax(1), top_k)
         return [Prediction(str(paths[i]), top) for i, top in zip(sc.kept, tops, strict=True)], sc.skipped
 
+    def explainer(self, method: str = "gradcam", layer: str | None = None) -> Explainer:
+        """The map maker: explain.METHODS; Grad-CAM at `layer` (None: the last convolutional block)."""
+        raise ExplainError(
+            f"explanations need the PyTorch model's gradients, which {self.backend} does not give: "
+            "explain with the run folder or its best.pt"
+        )
+
+    def iter_explanations(
+        self, paths: Sequence[Path], explainer: Explainer, *, target: str | None = None, batch_size: int = 16,
+        skipped: list[dict[str, str]] | None = None,
+    ) -> Iterator[tuple[Explanation, torch.Tensor]]:  # fmt: skip
+        """(explanation, decoded image) per readable path, a batch at a time: see `explain`."""
+        index = None if target is None else class_index(target, self.classes, self.display_names)
+        return iter_explanations(explainer, self.prep, paths, self.display_names, target=index,
+                                 temperature=self.temperature, batch_size=batch_size, skipped=skipped)  # fmt: skip
+
+    def explain(
+        self, paths: Sequence[Path | str], *, method: str = "gradcam", target: str | None = None,
+        layer: str | None = None, batch_size: int = 16,
+    ) -> tuple[list[Explanation], list[dict[str, str]]]:  # fmt: skip
+        """Maps of where the evidence is (explain.METHODS: Grad-CAM at `layer`, None: the last convolutional
+        block; or occlusion) for the predicted class or `target` (a class name); unreadable files are skipped
+        and listed."""
+        skipped: list[dict[str, str]] = []
+        found = self.iter_explanations([Path(p) for p in paths], self.explainer(method, layer), target=target,
+                                       batch_size=batch_size, skipped=skipped)  # fmt: skip
+        return [e for e, _ in found], skipped
+
 
 class TorchPredictor(Predictor):
     """A Classifier in eval mode, channels_last (measured here: 1.7x faster CPU inference than NCHW), under
@@ -297,6 +326,9 @@ class TorchPredictor(Predictor):
         predictor.temperature = ckpt.temperature
         predictor.checkpoint = {**ckpt.describe(), "path": str(path)}
         return predictor
+
+    def explainer(self, method: str = "gradcam", layer: str | None = None) -> Explainer:
+        return make_explainer(self.model, self.prep.img_size, method, layer)
 
     @torch.inference_mode()
     def logits(self, images: torch.Tensor) -> torch.Tensor:

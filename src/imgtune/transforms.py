@@ -90,6 +90,46 @@ def prepare(image: torch.Tensor, prep: Preprocessing) -> torch.Tensor:
     return image
 
 
+@dataclass(frozen=True)
+class ViewGeometry:
+    """Where the model's S x S input sits in the original image: original x = (u - offset_x) * scale_x for an
+    input coordinate u (pixel edges at integers; likewise y), and `region` (x0, y0, x1, y1) is the part of the
+    input that holds image pixels (all of it but a letterbox's padding). A heatmap's peak goes back to the
+    photo's own pixels through it, and an overlay on the photo samples the heatmap through its inverse."""
+
+    scale_x: float
+    scale_y: float
+    offset_x: float
+    offset_y: float
+    region: tuple[int, int, int, int]
+
+    def to_original(self, u: float, v: float, width: int, height: int) -> tuple[int, int]:
+        """The original pixel (column, row) that input position (u, v) shows, kept inside the image."""
+        x = int((u - self.offset_x) * self.scale_x)
+        y = int((v - self.offset_y) * self.scale_y)
+        return min(max(x, 0), width - 1), min(max(y, 0), height - 1)
+
+
+def view_geometry(prep: Preprocessing, height: int, width: int) -> ViewGeometry:
+    """`prepare`'s placement of an image of height x width, computed as torchvision computes it (the shorter
+    side's resize truncates the longer side; the centre crop rounds its offsets)."""
+    s = prep.img_size
+    if prep.resize == "squash":
+        return ViewGeometry(width / s, height / s, 0.0, 0.0, (0, 0, s, s))
+    if prep.resize == "pad":
+        nh, nw = max(1, round(height * s / max(height, width))), max(1, round(width * s / max(height, width)))
+        top, left = (s - nh) // 2, (s - nw) // 2
+        return ViewGeometry(width / nw, height / nh, float(left), float(top), (left, top, left + nw, top + nh))
+    if width <= height:
+        rw, rh = s, int(s * height / width)
+    else:
+        rw, rh = int(s * width / height), s
+    if min(height, width) == s:
+        rw, rh = width, height  # prepare skips the resize
+    top, left = int(round((rh - s) / 2.0)), int(round((rw - s) / 2.0))
+    return ViewGeometry(width / rw, height / rh, -float(left), -float(top), (0, 0, s, s))
+
+
 # ------------------------------------------------------------------------------- the wider training view
 
 WIDE_MARK, TURNED_MARK = 255, 128  # channel 3 of a wide view: the image's pixels (128: a turned portrait)
