@@ -118,7 +118,7 @@ def test_randomised_weights_change_the_maps(trained: tuple[Path, dict[str, tuple
             m.reset_parameters()  # type: ignore[operator]
     names = predictor.display_names
     for method in ("gradcam", "occlusion"):
-        probe = images if method == "gradcam" else images[::4]
+        probe = images if method == "gradcam" else images[::8]
         found = explain_images(make_explainer(model, predictor.prep.img_size, method), predictor.prep, probe, names)
         scrambled = explain_images(make_explainer(random_model, predictor.prep.img_size, method), predictor.prep,
                                    probe, names)  # fmt: skip
@@ -139,8 +139,9 @@ def test_input_positions_map_back_to_the_original_pixels(policy: str, size: tupl
     prep = Preprocessing(img_size=96, mean=(0.5,) * 3, std=(0.5,) * 3, resize=policy)
     rng = np.random.default_rng(len(policy) + w)
     for _ in range(5):
-        x, y = int(rng.integers(w // 2 - h // 3 if w > h else 4, w // 2 + h // 3 if w > h else w - 4)), int(
-            rng.integers(4 if h <= w else h // 2 - w // 3, h - 4 if h <= w else h // 2 + w // 3)
+        x, y = (
+            int(rng.integers(w // 2 - h // 3 if w > h else 4, w // 2 + h // 3 if w > h else w - 4)),
+            int(rng.integers(4 if h <= w else h // 2 - w // 3, h - 4 if h <= w else h // 2 + w // 3)),
         )
         arr = np.zeros((h, w, 3), dtype=np.uint8)
         arr[max(0, y - 2) : y + 3, max(0, x - 2) : x + 3] = 255
@@ -185,7 +186,7 @@ def test_cli_writes_overlays_csv_and_heatmaps(
     with np.load(out / "heatmaps.npz") as npz:
         assert sorted(npz.files) == sorted(paths)
         maps = [npz[p] for p in paths]
-    assert all(m.shape == (224, 224) and m.dtype == np.float32 and 0 <= m.min() and m.max() <= 1 for m in maps)
+    assert all(m.shape == (224, 224) and m.dtype == np.float32 and m.min() >= 0 and m.max() <= 1 for m in maps)
     assert any(m.max() == 1 for m in maps)  # scaled to the maximum (a map with no evidence for red is all zero)
     for r in rows:
         with Image.open(out / r["overlay"]) as im:

@@ -20,7 +20,8 @@ __version__ = "0.1.0"
 
 _WHERE = {
     "ExplainResult": "api", "PredictResult": "api", "TrainResult": "api", "calibrate": "api", "evaluate": "api",
-    "explain": "api", "load": "api", "predict": "api", "resume": "api", "train": "api", "compare": "compare", "RECIPES": "config",
+    "explain": "api", "load": "api", "predict": "api", "resume": "api", "train": "api", "compare": "compare",
+    "RECIPES": "config",
     "Config": "config", "ConfigError": "config", "build_config": "config", "EvalResult": "metrics",
     "Classifier": "models", "create_model": "models", "EnsemblePredictor": "predict", "OnnxPredictor": "predict",
     "Predictor": "predict", "TorchPredictor": "predict",

@@ -21,6 +21,7 @@ from imgtune.errors import Interrupted, UserError
 from imgtune.options import (
     CHECK_FLAGS,
     COMPARE_FLAGS,
+    ISSUES_FLAGS,
     LR_FIND_FLAGS,
     TRAIN_FLAGS,
     Flag,
@@ -206,6 +207,32 @@ def data_check(
     report = audit(data, cfg.data.valid_fraction, cfg.seed, tolerance, fail_on_leak, cfg.data.label_rule())
     typer.echo(json.dumps(report.to_dict(), indent=2) if as_json else report.format())
     raise typer.Exit(0 if report.trainable else 1)
+
+
+@data_app.command("issues")
+@with_flags(ISSUES_FLAGS)
+def data_issues(
+    data: Annotated[Path, typer.Argument(help="Dataset folder.")],
+    out: Annotated[
+        Path, typer.Option(help="The label issues CSV; near_duplicates.csv, outliers.csv beside it.")
+    ] = Path("issues.csv"),
+    run: Annotated[Path | None, typer.Option(help="Features from this run's trained backbone [pretrained].")] = None,
+    folds: Annotated[int, typer.Option(help="Cross-validation folds for the out-of-fold probabilities.", min=2)] = 5,
+    html_page: Annotated[bool, typer.Option("--html", help="Also write a review page with thumbnails.")] = False,
+    batch_size: Annotated[int, typer.Option(min=1)] = 64,
+    device: Annotated[Device, typer.Option()] = "auto",
+    **flags: Any,
+) -> None:
+    """Find likely wrong labels (confident learning on out-of-fold predictions of linear heads over backbone
+    features), near-duplicates within a split and outliers, among the labelled training and validation images."""
+    from imgtune.curate import find_issues
+
+    cfg = _config(data, None, flags, ISSUES_FLAGS, None).model_copy(update={"device": device})
+    result = find_issues(cfg, run=run, folds=folds, out=out, html_page=html_page, batch_size=batch_size)
+    typer.echo(result.format())
+    if result.issues:
+        typer.echo(f"to train without them:  imgtune train {data} --exclude {out}")
+        typer.echo(f"to take the suggestions: imgtune train {data} --relabel {out}   (after checking them)")
 
 
 # ------------------------------------------------------------------------------------------------ train

@@ -189,6 +189,15 @@ class DataConfig(_Section):
         None, "reuse a split.csv written by an earlier run (a labels CSV with a split column)",
         when="so that runs compare on the same images",
     )  # fmt: skip
+    exclude: Path | None = setting(
+        None, "images to leave out of training and validation: one path a line, or a CSV with a path column",
+        when="`imgtune data issues`' issues.csv: train without the images it flags. Paths are as written there, "
+        "or relative to the dataset folder; the test split is never changed. The run keeps its own copy",
+    )  # fmt: skip
+    relabel: Path | None = setting(
+        None, "a CSV of path,label rows (or issues.csv's path,suggested): those images train with that label",
+        when="after checking `data issues`' suggestions; the run keeps its own copy (RUN/relabel.csv)",
+    )  # fmt: skip
     class_names: Path | None = setting(
         None, "JSON {folder name: display name}, e.g. flowers-102's cat_to_name.json",
         when="predictions, eval tables and the report show the display names; a dataset's own "

@@ -272,6 +272,8 @@ _DATA = [
     Flag("data.label_columns", parse=_list_of("data.label_columns", str, "path,label,split"), metavar="COLUMNS"),
     Flag("data.valid_fraction"),
     Flag("data.split_file"),
+    Flag("data.exclude"),
+    Flag("data.relabel"),
     Flag("data.class_names"),
     Flag("data.cache"),
     Flag("data.workers"),
@@ -335,6 +337,8 @@ COMPARE_FLAGS = [
 ]
 LR_FIND_FLAGS = [_MODEL[0], Flag("data.img_size"), _BATCH, Flag("train.optimizer")]
 CHECK_FLAGS = [f for f in _DATA if f.key.startswith("data.label")] + [Flag("data.valid_fraction"), Flag("seed")]
+ISSUES_FLAGS = [*CHECK_FLAGS, Flag("data.split_file"), _MODEL[0], Flag("model.weights"), Flag("data.img_size"),
+                Flag("data.resize")]  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------ the docs
@@ -383,7 +387,8 @@ def reference_markdown() -> str:
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     intro = "Options of the other commands that set config keys (with the same meaning as for train):"
     lines += ["", "## Commands", "", intro, ""]
-    for command, flags in (("compare", COMPARE_FLAGS), ("lr-find", LR_FIND_FLAGS), ("data check", CHECK_FLAGS)):
+    for command, flags in (("compare", COMPARE_FLAGS), ("lr-find", LR_FIND_FLAGS), ("data check", CHECK_FLAGS),
+                           ("data issues", ISSUES_FLAGS)):  # fmt: skip
         lines.append(f"- `imgtune {command}`: " + ", ".join(f"`{f.option}` (`{f.key}`)" for f in flags))
     return "\n".join(lines) + "\n"
 

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 from imgtune.checkpoint import CheckpointError, load_checkpoint, resolve_checkpoint
 from imgtune.data import decode_prepared
 from imgtune.errors import UserError
-from imgtune.explain import ExplainError, Explainer, Explanation, class_index, iter_explanations, make_explainer
+from imgtune.explain import Explainer, ExplainError, Explanation, class_index, iter_explanations, make_explainer
 from imgtune.files import atomic_write_text
 from imgtune.images import ImageError
 from imgtune.layouts import DataError, list_files, natural_key, readable

@@ -263,7 +263,9 @@ def _start_run_folder(wb: Workbench, held: contextlib.ExitStack) -> Path:
     run = new_run_folder(cfg.out, cfg.data.path)
     if cfg.out is None:  # a runs/<name>-N just made; with --out, the lock is held since the start
         held.enter_context(RunLock(run.path))
-    atomic_write_text(run.config, cfg.model_copy(update={"out": run.path}).to_yaml())
+    copies = wb.curation.write(run.path)  # the run re-applies its own copies on resume
+    data = cfg.data.model_copy(update={k: v for k, v in copies.items()})
+    atomic_write_text(run.config, cfg.model_copy(update={"out": run.path, "data": data}).to_yaml())
     run.write_json(run.classes, wb.split.classes)
     if wb.display_names != wb.split.classes:
         run.write_json(run.path / "class_names.json", wb.display_names)
@@ -337,4 +339,6 @@ def _summary(wb: Workbench, trainer: Trainer, started: float, retries: int) -> d
     }
     if wb.split.notes:
         summary["data_warnings"] = list(wb.split.notes)
+    if wb.curation.record:
+        summary["curation"] = wb.curation.record
     return summary

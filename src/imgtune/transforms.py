@@ -126,7 +126,7 @@ def view_geometry(prep: Preprocessing, height: int, width: int) -> ViewGeometry:
         rw, rh = int(s * width / height), s
     if min(height, width) == s:
         rw, rh = width, height  # prepare skips the resize
-    top, left = int(round((rh - s) / 2.0)), int(round((rw - s) / 2.0))
+    top, left = round((rh - s) / 2.0), round((rw - s) / 2.0)
     return ViewGeometry(width / rw, height / rh, -float(left), -float(top), (0, 0, s, s))
 
 

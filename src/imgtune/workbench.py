@@ -19,6 +19,7 @@ import torch
 from imgtune.augment import BatchAugment
 from imgtune.checkpoint import Checkpoint
 from imgtune.config import Config, ConfigError
+from imgtune.curate import Curation, curate
 from imgtune.data import (
     ImageDataset,
     Skipped,
@@ -61,6 +62,7 @@ class Workbench:
     eval_batch: int
     display_names: list[str]
     lr_factor: float  # the LR scaling rule's factor under torchrun (1 in one process)
+    curation: Curation  # what --exclude / --relabel changed
 
     @property
     def num_classes(self) -> int:
@@ -92,6 +94,9 @@ def prepare(cfg: Config, *, load_pretrained: bool = True, split_file: Path | Non
     seed_everything(cfg.seed + d.rank, tcfg.deterministic)  # per rank: different augmentation draws
     device = d.device(pick_device(cfg.device))
     split = load_split(dcfg.path, dcfg.valid_fraction, cfg.seed, split_file or dcfg.split_file, dcfg.label_rule())
+    curation = Curation()
+    if split_file is None:  # a resumed run's split.csv holds the curated split already
+        split, curation = curate(split, dcfg.exclude, dcfg.relabel)
     _check_trainable(split, dcfg.valid_fraction)
     if not split.valid:
         if tcfg.calibrate:
@@ -137,6 +142,7 @@ def prepare(cfg: Config, *, load_pretrained: bool = True, split_file: Path | Non
         eval_batch=eval_batch,
         display_names=load_class_names(names, split.classes) if names else [readable(c) for c in split.classes],
         lr_factor={"none": 1.0, "linear": float(d.world), "sqrt": math.sqrt(d.world)}[tcfg.lr_scaling],
+        curation=curation,
     )  # fmt: skip
 
 
