@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections import defaultdict
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -134,29 +135,47 @@ def audit(
 HASH_PREFILTER_BITS = 8  # candidates: dHashes within this many of 64 bits; thumbnails then decide
 
 
+def near_pairs(
+    a: Sequence[tuple[int, np.ndarray]], b: Sequence[tuple[int, np.ndarray]] | None, tolerance: float
+) -> list[tuple[int, int, float]]:
+    """(i, j, mean abs difference) of fingerprints (audit.fingerprint) of a and b whose 16x16 grey thumbnails
+    differ by at most `tolerance` grey levels on average; b None: pairs within a, each once (i < j). dHash
+    distance narrows the candidates: all pairs are compared by popcount, only close ones by thumbnail."""
+    if not a or (b is not None and not b):
+        return []
+
+    def arrays(prints: Sequence[tuple[int, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+        hashes = np.array([fp[0] for fp in prints], dtype=np.uint64)
+        return hashes, np.stack([fp[1] for fp in prints]).astype(np.int16).reshape(len(prints), -1)
+
+    ha, ta = arrays(a)
+    hb, tb = (ha, ta) if b is None else arrays(b)
+    found = []
+    for start in range(0, len(a), 256):
+        dist = np.bitwise_count(ha[start : start + 256, None] ^ hb[None, :])
+        ii, jj = np.nonzero(dist <= HASH_PREFILTER_BITS)
+        ii = ii + start
+        if b is None:
+            ii, jj = ii[ii < jj], jj[ii < jj]
+        if not len(ii):
+            continue
+        mad = np.abs(ta[ii] - tb[jj]).mean(axis=1)
+        found += [(int(i), int(j), float(m)) for i, j, m in zip(ii, jj, mad, strict=True) if m <= tolerance]
+    return found
+
+
 def _near_duplicates(report: AuditReport, prints: dict[str, list[tuple[Any, str, str]]], tolerance: int) -> None:
-    """Pairs across splits whose 16x16 grey thumbnails differ by at most `tolerance` grey levels on average
-    (and which are not byte-identical: those are exact duplicates). dHash distance narrows the candidates:
-    all pairs are compared by popcount, only close ones by thumbnail."""
+    """Pairs across splits whose thumbnails are within `tolerance` (near_pairs), and which are not
+    byte-identical: those are exact duplicates."""
     names = [n for n in ("train", "valid", "test") if prints.get(n)]
     for k, first in enumerate(names):
         a = prints[first]
-        ha = np.array([fp[0] for fp, _, _ in a], dtype=np.uint64)
-        ta = np.stack([fp[1] for fp, _, _ in a]).astype(np.int16).reshape(len(a), -1)
         for second in names[k + 1 :]:
             b = prints[second]
-            hb = np.array([fp[0] for fp, _, _ in b], dtype=np.uint64)
-            tb = np.stack([fp[1] for fp, _, _ in b]).astype(np.int16).reshape(len(b), -1)
-            for start in range(0, len(a), 256):
-                dist = np.bitwise_count(ha[start : start + 256, None] ^ hb[None, :])
-                ii, jj = np.nonzero(dist <= HASH_PREFILTER_BITS)
-                if not len(ii):
-                    continue
-                mad = np.abs(ta[start + ii] - tb[jj]).mean(axis=1)
-                for i, j, m in zip(ii + start, jj, mad, strict=True):
-                    if m <= tolerance and a[i][2] != b[j][2]:
-                        report.near_duplicates.append({"mean_abs_diff": round(float(m), 2), "files": [
-                            {"split": first, "path": a[i][1]}, {"split": second, "path": b[j][1]}]})  # fmt: skip
+            for i, j, m in near_pairs([fp for fp, _, _ in a], [fp for fp, _, _ in b], tolerance):
+                if a[i][2] != b[j][2]:
+                    report.near_duplicates.append({"mean_abs_diff": round(m, 2), "files": [
+                        {"split": first, "path": a[i][1]}, {"split": second, "path": b[j][1]}]})  # fmt: skip
     if report.near_duplicates:
         shown = "; ".join(
             " ~ ".join(f"{f['path']} ({f['split']})" for f in d["files"]) for d in report.near_duplicates[:3]
