@@ -187,6 +187,9 @@ def test_an_int8_model_is_served_like_any_onnx(run: Path) -> None:
         res = httpx.post(f"{base}/predict", files=[("file", (p.name, p.read_bytes())) for p in paths], timeout=60)
         assert res.status_code == 200, res.text
         assert [r["label"] for r in res.json()] == want
+        refused = httpx.post(f"{base}/predict?explain=true", files=[("file", (paths[0].name, paths[0].read_bytes()))])
+        assert refused.status_code == 400 and "gives no gradients" in refused.json()["detail"]
+        assert '"explain": false' in httpx.get(base).text  # the page offers no heatmap toggle
     finally:
         proc.terminate()
         proc.wait(timeout=30)

@@ -21,7 +21,7 @@ from imgtune.runs import RunLock, RunLocked
 
 runner = CliRunner()
 PLOTS = {"curves.png", "lr.png", "confusion_matrix.png", "reliability.png", "predictions.png", "top_losses.png",
-         "samples.png"}  # fmt: skip
+         "top_losses_gradcam.png", "samples.png"}  # fmt: skip
 
 
 def _train(data: Path, out: Path, **extra: object) -> imgtune.TrainResult:
@@ -96,6 +96,7 @@ def test_eval_writes_plots_and_a_self_contained_report(shapes: tuple[Path, Path]
     assert {p.name for p in (run / "plots").iterdir()} >= PLOTS
     text = (run / "report.html").read_text()
     assert "http://" not in text and "https://" not in text  # nothing fetched from elsewhere
+    assert "where the model looked: Grad-CAM" in text
     assert f'data-metric="accuracy">{js["accuracy"]:.4f}<' in text
     assert len(js["confusion_normalized"]) == 3 and all(abs(sum(r) - 1) < 1e-6 for r in js["confusion_normalized"])
     assert 0 <= js["ece"] <= 1 and len(js["reliability"]) == 15

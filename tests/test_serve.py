@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import socket
@@ -322,11 +323,39 @@ def test_web_page_in_headless_chromium(url: str, valid_images: list[tuple[Path, 
         page.wait_for_function("document.getElementById('label').textContent.length > 0", timeout=30_000)
         text = page.text_content("#label") or ""
         bars = page.locator("#bars .row").count()
+        page.click("#heat")  # the Grad-CAM toggle
+        shown = page.get_attribute("#preview", "src") or ""
+        loaded = page.evaluate("new Promise(r => { const i = document.getElementById('preview');"
+                               " i.complete ? r(i.naturalWidth) : i.onload = () => r(i.naturalWidth); })")  # fmt: skip
+        page.click("#heat")
+        back = page.get_attribute("#preview", "src") or ""
         assert page.evaluate("document.documentElement.scrollWidth") <= 390  # no sideways scrolling
         page.screenshot(path=str(tmp_path / "page.png"))
         browser.close()
     assert text.startswith(label) and bars == 3
-    assert [u for u in external if not u.startswith("blob:")] == []  # no CDN, no external resources
+    assert shown.startswith("data:image/png;base64,") and loaded > 0 and back.startswith("blob:")
+    assert [u for u in external if not u.startswith(("blob:", "data:"))] == []  # no CDN, no external resources
+
+
+def test_predict_with_explain_returns_a_heatmap_per_image(url: str, valid_images: list[tuple[Path, str]]) -> None:
+    import base64
+
+    from PIL import Image
+
+    files = [(p.name, p.read_bytes()) for p, _ in valid_images[:2]]
+    res = httpx.post(f"{url}/predict?explain=true", files=[("file", f) for f in files], timeout=60)
+    assert res.status_code == 200, res.text
+    for answer, (path, label) in zip(res.json(), valid_images[:2], strict=True):
+        assert answer["label"] == label
+        head, _, data = answer["heatmap"].partition(",")
+        assert head == "data:image/png;base64"
+        with Image.open(io.BytesIO(base64.b64decode(data))) as im, Image.open(path) as original:
+            assert (
+                im.format == "PNG"
+                and max(im.size) == 320
+                and im.size[0] / im.size[1] == pytest.approx(original.size[0] / original.size[1], rel=0.02)
+            )
+    assert "heatmap" not in _post(url, files[0]).json()[0]  # only when asked
 
 
 def test_exif_orientation_is_the_same_in_predict_and_the_server(url: str, run: Path, tmp_path: Path) -> None:

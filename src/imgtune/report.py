@@ -22,6 +22,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+import numpy as np
 import torch
 
 from imgtune.files import atomic_write_bytes, atomic_write_text
@@ -189,6 +190,28 @@ def plot_top_losses(result: EvalResult, out: Path, size: int = 96) -> Path | Non
     return _gallery(images, captions, ["red"] * len(images), out)
 
 
+def plot_top_losses_gradcam(run: Path, result: EvalResult, out: Path, side: int = 160) -> Path | None:
+    """The top losses again, each under the Grad-CAM map of the class the model wrongly gave: whether it looked
+    at the object and misread it, or at something else (a background, a tag, a watermark)."""
+    from imgtune.checkpoint import CheckpointError
+    from imgtune.explain import overlay
+    from imgtune.predict import TorchPredictor
+
+    best = run / "checkpoints" / "best.pt"
+    if not result.top_losses or not best.is_file():
+        return None
+    try:
+        predictor = TorchPredictor.load(best, precision="fp32")
+        found = list(predictor.iter_explanations([Path(m["path"]) for m in result.top_losses], predictor.explainer()))
+    except (CheckpointError, OSError) as e:  # the report goes on without the maps
+        log.warning("no Grad-CAM maps in the report: %s", e)
+        return None
+    shown = {e.path: torch.from_numpy(np.asarray(overlay(img, e, side))).permute(2, 0, 1) for e, img in found}
+    kept = [m for m in result.top_losses if m["path"] in shown]
+    captions = [caption(m["true"], m["predicted"], m["confidence"]) for m in kept]
+    return _gallery([shown[m["path"]] for m in kept], captions, ["red"] * len(kept), out)
+
+
 def plot_augmented(
     dataset: Any, augment: Callable[[torch.Tensor], torch.Tensor] | None, classes: Sequence[str], out: Path,
     seed: int = 0,
@@ -343,6 +366,7 @@ def _calibration_and_predictions(result: EvalResult, plots: dict[str, Path | Non
         figure_html(plots.get("predictions"), "a sample of predictions (green: right, red: wrong)"),
         "<h2>Top losses</h2>",
         figure_html(plots.get("top_losses"), "the most confidently wrong images"),
+        figure_html(plots.get("top_losses_gradcam"), "where the model looked: Grad-CAM of the class it wrongly gave"),
     ]
     if result.top_losses:
         parts.append("<table><tr><th>file</th><th>true</th><th>predicted</th><th>confidence</th></tr>")
@@ -369,6 +393,7 @@ def write_report(
         "reliability": plot_reliability(result, folder / "reliability.png"),
         "predictions": plot_predictions(result, folder / "predictions.png"),
         "top_losses": plot_top_losses(result, folder / "top_losses.png"),
+        "top_losses_gradcam": plot_top_losses_gradcam(run, result, folder / "top_losses_gradcam.png"),
     }
     if train_dataset is not None:
         classes = json.loads((run / "classes.json").read_text()) if (run / "classes.json").is_file() else []

@@ -11,6 +11,7 @@ answer that the client can read.
 from __future__ import annotations
 
 import asyncio
+import base64
 import hmac
 import io
 import ipaddress
@@ -28,11 +29,13 @@ from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from imgtune.data import decode_prepared
-from imgtune.images import ImageError
+from imgtune.explain import ExplainError, explain_images, overlay, png_bytes
+from imgtune.images import ImageError, load_rgb
 from imgtune.predict import Predictor
 
 log = logging.getLogger(__name__)
 PAGE = Path(__file__).with_name("page.html")
+HEATMAP_SIDE = 320  # the page's overlay: its longer side in pixels
 
 
 DRAIN_BYTES = 64 * 2**20  # the most of a refused body read and dropped so that the client sees the answer
@@ -293,7 +296,12 @@ def create_app(
             raise HTTPException(401, "missing or wrong token: send 'Authorization: Bearer <token>'",
                                 headers={"WWW-Authenticate": "Bearer"})  # fmt: skip
 
-    config = {"requiresToken": token is not None, "topK": top_k, "maxUploadMb": max_upload_mb}
+    try:
+        explainer: Any = predictor.explainer()  # Grad-CAM needs gradients: the PyTorch backend only
+    except ExplainError:
+        explainer = None
+    config = {"requiresToken": token is not None, "topK": top_k, "maxUploadMb": max_upload_mb,
+              "explain": explainer is not None}  # fmt: skip
     page_html = PAGE.read_text().replace("/*CONFIG*/{}", json.dumps(config))  # rendered once, not per request
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
@@ -309,24 +317,44 @@ def create_app(
     def classes() -> list[str]:
         return list(predictor.display_names)
 
+    def heatmaps(originals: list[tuple[str, torch.Tensor]]) -> list[str]:
+        """Grad-CAM overlays of the predicted classes as PNG data URIs; run on the model's own thread, since
+        its hook on the model must not meet a batch being predicted."""
+        found = explain_images(explainer, predictor.prep, originals, predictor.display_names,
+                               temperature=predictor.temperature)  # fmt: skip
+        encoded = (base64.b64encode(png_bytes(overlay(img, e, HEATMAP_SIDE))).decode() for e, (_, img) in
+                   zip(found, originals, strict=True))  # fmt: skip
+        return [f"data:image/png;base64,{b}" for b in encoded]
+
     @app.post("/predict", dependencies=[Depends(authorize)])
-    async def predict(file: list[UploadFile] = File(...), k: int = top_k) -> list[dict[str, Any]]:
-        images, names = [], []
+    async def predict(
+        file: list[UploadFile] = File(...), k: int = top_k, explain: bool = False
+    ) -> list[dict[str, Any]]:
+        if explain and explainer is None:
+            raise HTTPException(400, f"explain: the {predictor.backend} backend gives no gradients; serve the run "
+                                     "folder or best.pt for heatmaps")  # fmt: skip
+        images, names, originals = [], [], []
         for upload in file:
             data = await upload.read()
             name = upload.filename or "upload"
             try:
                 images.append(await run_in_threadpool(decode_prepared, io.BytesIO(data), predictor.prep))
+                if explain:
+                    originals.append((name, await run_in_threadpool(load_rgb, io.BytesIO(data))))
             except ImageError as e:
                 status = {"not_image": 415, "bomb": 400}.get(e.kind, 400)
                 raise HTTPException(status, f"{name}: {e.reason}") from None
             names.append(name)
         probs = torch.stack(await batcher.submit(images))
+        maps: list[str | None] = [None] * len(names)
+        if explain:
+            maps = list(await asyncio.get_running_loop().run_in_executor(batcher.model_thread, heatmaps, originals))
         results = []
-        for name, top in zip(names, predictor.top_k(probs, k), strict=True):
+        for name, top, heat in zip(names, predictor.top_k(probs, k), maps, strict=True):
             results.append({
                 "filename": name, "label": top[0][0], "confidence": top[0][1],
                 "top_k": [{"label": label, "confidence": p} for label, p in top],
+                **({"heatmap": heat} if heat is not None else {}),
             })  # fmt: skip
         return results
 
