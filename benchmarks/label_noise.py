@@ -90,8 +90,9 @@ def main() -> None:
         hits_top = sum(p in truth for p in top)
         hits_all = sum(p in truth for p in flagged)
         right = sum(truth.get(r["path"]) == r["suggested"] for r in found.issues if r["path"] in truth)
-        lines.append(f"| {n} ({rate:.0%}) | {len(flagged)} | {hits_top / max(1, len(top)):.3f} | {hits_top / n:.3f} | "
-                     f"{hits_all / max(1, len(flagged)):.3f} | {hits_all / n:.3f} | {found.seconds:.0f} s |")  # fmt: skip
+        precision_top, precision_all = hits_top / max(1, len(top)), hits_all / max(1, len(flagged))
+        lines.append(f"| {n} ({rate:.0%}) | {len(flagged)} | {precision_top:.3f} | {hits_top / n:.3f} | "
+                     f"{precision_all:.3f} | {hits_all / n:.3f} | {found.seconds:.0f} s |")  # fmt: skip
         lines.append(f"|  | suggested label right for {right} of the {hits_all} flipped images it found | | | | | |")
         print("\n".join(lines[-2:]), flush=True)
         if not args.skip_training:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,46 +17,14 @@ from typer.testing import CliRunner
 
 import imgtune
 from imgtune.cli import app
-from imgtune.explain import ExplainError, Explanation, explain_images, make_explainer, target_layer
+from imgtune.explain import ExplainError, explain_images, make_explainer, target_layer
 from imgtune.images import load_rgb
 from imgtune.models import create_model
 from imgtune.transforms import Preprocessing, prepare, view_geometry
 
 runner = CliRunner()
-COLOURS = {"red": (210, 40, 40), "green": (40, 180, 60), "blue": (50, 70, 220)}
-W, H, BOX = 200, 150, 40  # landscape originals: the crop policy's geometry is part of what is tested
-
-
-def _place(rng: np.random.Generator, avoid: tuple[int, int] | None = None) -> tuple[int, int]:
-    """A box's top-left corner inside the centre square the crop keeps, not overlapping `avoid`."""
-    while True:
-        x0, y0 = int(rng.integers((W - H) // 2, (W + H) // 2 - BOX)), int(rng.integers(0, H - BOX))
-        if avoid is None or abs(x0 - avoid[0]) >= BOX + 8 or abs(y0 - avoid[1]) >= BOX + 8:
-            return x0, y0
-
-
-def object_folder(root: Path, per_class: int, seed: int) -> dict[str, tuple[int, int, int, int]]:
-    """A smooth grey background with two checkerboards at random places inside the centre square the model
-    sees: one in the class's colour, one in grey, the same in every class (a map that shows what stands out
-    in the image rather than what decides the class points at either). Returns path -> the class object's
-    box (x0, y0, x1, y1) in the image's pixels."""
-    rng = np.random.default_rng(seed)
-    checker = (np.add.outer(np.arange(BOX) // 8, np.arange(BOX) // 8) % 2 == 0)[..., None]
-    boxes = {}
-    for name, colour in COLOURS.items():
-        (root / name).mkdir(parents=True, exist_ok=True)
-        for i in range(per_class):
-            ramp = np.linspace(0, 1, W)[None, :, None] * rng.uniform(-40, 40)
-            ramp = ramp + np.linspace(0, 1, H)[:, None, None] * rng.uniform(-40, 40)
-            arr = np.clip(128 + ramp + rng.normal(0, 4, (H, W, 3)), 0, 255).astype(np.uint8)
-            x0, y0 = _place(rng)
-            arr[y0 : y0 + BOX, x0 : x0 + BOX] = np.where(checker, np.array(colour, dtype=np.uint8), 20)
-            dx, dy = _place(rng, avoid=(x0, y0))
-            arr[dy : dy + BOX, dx : dx + BOX] = np.where(checker, np.uint8(200), np.uint8(20))
-            path = root / name / f"{i}.png"
-            Image.fromarray(arr).save(path)
-            boxes[str(path)] = (x0, y0, x0 + BOX, y0 + BOX)
-    return boxes
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from explain_checks import COLOURS, H, W, hits, object_folder  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -70,17 +39,6 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, t
         "train.epochs_frozen": 100, "train.lr": 0.03, "train.epochs": 0, "train.report": False,
     })  # fmt: skip
     return imgtune.train(cfg).run_dir, boxes
-
-
-TOLERANCE = 15  # pixels around the box that still count: the pointing game's own (Zhang et al., 2016)
-
-
-def _hits(explanations: list[Explanation], boxes: dict[str, tuple[int, int, int, int]]) -> float:
-    def hit(e: Explanation) -> bool:
-        x0, y0, x1, y1 = boxes[e.path]
-        return x0 - TOLERANCE <= e.peak[0] < x1 + TOLERANCE and y0 - TOLERANCE <= e.peak[1] < y1 + TOLERANCE
-
-    return sum(map(hit, explanations)) / len(explanations)
 
 
 @pytest.mark.parametrize("method", ["gradcam", "occlusion"])
@@ -101,7 +59,7 @@ def test_pointing_game_the_peak_falls_on_the_object(
     # map of what stands out (either checkerboard) about half the time. Measured (docs/results.md): Grad-CAM
     # 83%, occlusion 53% (its 7 x 7 places are coarse, and the under-confident head moves little when
     # part of the object is hidden)
-    assert _hits(found, boxes) >= {"gradcam": 0.75, "occlusion": 0.45}[method]
+    assert hits(found, boxes) >= {"gradcam": 0.75, "occlusion": 0.45}[method]
 
 
 def test_randomised_weights_change_the_maps(trained: tuple[Path, dict[str, tuple[int, int, int, int]]]) -> None:
@@ -128,7 +86,7 @@ def test_randomised_weights_change_the_maps(trained: tuple[Path, dict[str, tuple
         pearson = float(((a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1)).clamp_min(1e-12)).mean())
         assert pearson < 0.5, method  # measured: Grad-CAM 0.31; occlusion 0 (the random model's output barely moves)
         if method == "gradcam":
-            assert _hits(scrambled, boxes) <= _hits(found, boxes) - 0.15  # measured: 82% -> 50%, what stands out
+            assert hits(scrambled, boxes) <= hits(found, boxes) - 0.15  # measured: 82% -> 50%, what stands out
 
 
 @pytest.mark.parametrize("policy", ["crop", "squash", "pad"])
