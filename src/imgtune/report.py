@@ -206,7 +206,7 @@ def plot_top_losses_gradcam(run: Path, result: EvalResult, out: Path, side: int 
     except (CheckpointError, OSError) as e:  # the report goes on without the maps
         log.warning("no Grad-CAM maps in the report: %s", e)
         return None
-    shown = {e.path: torch.from_numpy(np.asarray(overlay(img, e, side))).permute(2, 0, 1) for e, img in found}
+    shown = {e.path: torch.from_numpy(np.array(overlay(img, e, side))).permute(2, 0, 1) for e, img in found}
     kept = [m for m in result.top_losses if m["path"] in shown]
     captions = [caption(m["true"], m["predicted"], m["confidence"]) for m in kept]
     return _gallery([shown[m["path"]] for m in kept], captions, ["red"] * len(kept), out)
