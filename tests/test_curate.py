@@ -159,6 +159,9 @@ def test_train_with_exclude_and_relabel_keeps_what_it_did(
     kept = (run / "exclude.txt").read_text().split()
     assert sorted(kept) == sorted(str(Path(r["path"]).resolve()) for r in rows[1:])
     assert _rows(run / "relabel.csv") == [{"path": str(Path(first["path"]).resolve()), "label": first["suggested"]}]
+    from imgtune.files import UMASK
+
+    assert (run / "summary.json").stat().st_mode & 0o777 == 0o666 & ~UMASK  # as open() makes files, not 0600
     config = (run / "config.yaml").read_text()
     assert str(run / "exclude.txt") in config and str(run / "relabel.csv") in config
     if first["path"] in flipped:  # the relabelled image trains with its true class

@@ -15,11 +15,21 @@ class DiskFullError(UserError, OSError):
     """A write failed for lack of space; the message names the file and says what was kept."""
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+UMASK = _umask()  # read once, at import: os.umask can only be read by setting it
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~UMASK)  # what open() would give (mkstemp's 0600 hid reports from the group)
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
