@@ -7,6 +7,7 @@ import shutil
 import struct
 import zlib
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -111,3 +112,35 @@ def launch_chromium(pw: Any) -> Any:
         args=["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
               "--disable-background-networking", "--disable-component-update", "--disable-sync"],
     )  # fmt: skip
+
+
+@dataclass
+class SeenPage:
+    images: int
+    broken: list[str]  # alt texts of images that did not load
+    external: list[str]  # requests to anything but the file itself and data: URIs
+    metrics: dict[str, str]  # data-metric attributes -> text
+    text: str
+
+
+def open_offline_page(page_file: Path) -> SeenPage:
+    """A self-contained HTML file opened in headless Chromium: what loaded, what it asked for, what it says."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        browser = launch_chromium(pw)
+        page = browser.new_page()
+        requests: list[str] = []
+        page.on("request", lambda r: requests.append(r.url))
+        page.goto(page_file.as_uri())
+        page.wait_for_load_state("load")
+        broken = page.eval_on_selector_all(
+            "img", "imgs => imgs.filter(i => !(i.complete && i.naturalWidth > 0)).map(i => i.alt)"
+        )
+        count = page.eval_on_selector_all("img", "imgs => imgs.length")
+        metrics = page.eval_on_selector_all(
+            "[data-metric]", "els => Object.fromEntries(els.map(e => [e.dataset.metric, e.textContent]))"
+        )
+        text = page.text_content("body") or ""
+        browser.close()
+    return SeenPage(count, broken, [u for u in requests if not u.startswith(("file:", "data:"))], metrics, text)

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from conftest import CHROMIUM, launch_chromium, train_small, write_class_folders
+from conftest import CHROMIUM, open_offline_page, train_small, write_class_folders
 from imgtune.cli import app
 from imgtune.confident import find_label_issues, out_of_fold_probabilities
 from imgtune.layouts import DataError
@@ -119,23 +119,10 @@ def test_data_issues_finds_the_flipped_labels_the_copy_and_the_outlier(
 
 @pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed")
 def test_the_review_page_shows_every_thumbnail_offline(planted: tuple[Path, dict[str, object], Path]) -> None:
-    from playwright.sync_api import sync_playwright
-
     _, _, out = planted
-    page_file = out.with_suffix(".html")
-    with sync_playwright() as pw:
-        browser = launch_chromium(pw)
-        page = browser.new_page()
-        requests: list[str] = []
-        page.on("request", lambda r: requests.append(r.url))
-        page.goto(page_file.as_uri())
-        page.wait_for_load_state("load")
-        images = page.eval_on_selector_all("img", "imgs => imgs.map(i => i.complete && i.naturalWidth > 0)")
-        text = page.text_content("body") or ""
-        browser.close()
-    assert len(images) >= 3 * len(_rows(out)) and all(images)
-    assert "labelled" in text and "a typical" in text
-    assert [u for u in requests if not u.startswith(("file:", "data:"))] == []
+    seen = open_offline_page(out.with_suffix(".html"))
+    assert seen.images >= 3 * len(_rows(out)) and seen.broken == [] and seen.external == []
+    assert "labelled" in seen.text and "a typical" in seen.text
 
 
 def test_train_with_exclude_and_relabel_keeps_what_it_did(

@@ -24,21 +24,13 @@ from imgtune.transforms import Preprocessing, prepare, view_geometry
 
 runner = CliRunner()
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from explain_checks import COLOURS, H, W, hits, object_folder  # noqa: E402
+from explain_checks import COLOURS, H, W, hits, train_object_model  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, tuple[int, int, int, int]]]:
     """lite0 (ImageNet weights) with a head trained on the objects' colours: (run, test boxes)."""
-    root = tmp_path_factory.mktemp("cam") / "objects"
-    object_folder(root / "train", 24, seed=1)
-    object_folder(root / "valid", 8, seed=2)
-    boxes = object_folder(root.parent / "probe", 20, seed=3)
-    cfg = imgtune.build_config(overrides={
-        "data.path": root, "out": root.parent / "run", "data.img_size": 224, "data.augment": "light",
-        "train.epochs_frozen": 100, "train.lr": 0.03, "train.epochs": 0, "train.report": False,
-    })  # fmt: skip
-    return imgtune.train(cfg).run_dir, boxes
+    return train_object_model(tmp_path_factory.mktemp("cam") / "objects")
 
 
 @pytest.mark.parametrize("method", ["gradcam", "occlusion"])

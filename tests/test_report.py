@@ -12,7 +12,7 @@ import torch
 from typer.testing import CliRunner
 
 import imgtune
-from conftest import CHROMIUM, FASHION_DIR, launch_chromium, write_class_folders
+from conftest import CHROMIUM, FASHION_DIR, open_offline_page, write_class_folders
 from imgtune.checkpoint import load_checkpoint, save_checkpoint
 from imgtune.cli import app
 from imgtune.config import ConfigError
@@ -42,26 +42,10 @@ def shapes(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 
 def _page_numbers(page_file: Path) -> tuple[dict[str, str], list[str], list[str]]:
-    """Open the page in headless Chromium: (data-metric values, images that failed to load, requests made)."""
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as pw:
-        browser = launch_chromium(pw)
-        page = browser.new_page()
-        requests: list[str] = []
-        page.on("request", lambda r: requests.append(r.url))
-        page.goto(page_file.as_uri())
-        page.wait_for_load_state("load")
-        broken = page.eval_on_selector_all(
-            "img", "imgs => imgs.filter(i => !(i.complete && i.naturalWidth > 0)).map(i => i.alt)"
-        )
-        count = page.eval_on_selector_all("img", "imgs => imgs.length")
-        metrics = page.eval_on_selector_all(
-            "[data-metric]", "els => Object.fromEntries(els.map(e => [e.dataset.metric, e.textContent]))"
-        )
-        browser.close()
-    assert count >= 6
-    return metrics, broken, [u for u in requests if not u.startswith(("file:", "data:"))]
+    """(data-metric values, images that failed to load, requests made elsewhere) of the page in Chromium."""
+    seen = open_offline_page(page_file)
+    assert seen.images >= 6
+    return seen.metrics, seen.broken, seen.external
 
 
 @pytest.mark.slow
