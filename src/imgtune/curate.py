@@ -1,9 +1,10 @@
 """`imgtune data issues`: the images to look at before training - likely wrong labels, near-duplicates within
 a split, outliers - and `train --exclude / --relabel`, which act on what was found.
 
-Everything comes from one pass of a backbone over the labelled images (the pretrained default, or a trained
-run's backbone): the features feed K cross-validated linear heads (confident.py) for the label issues, and
-their cosine similarities give the duplicates (near 1) and the outliers (far from all their neighbours).
+Everything comes from one pass over the labelled images: a backbone's features (the pretrained default, or a
+trained run's backbone) feed K cross-validated linear heads (confident.py) for the label issues and, by their
+cosine distances, the outliers (far from all their neighbours); `data check`'s fingerprints of the same decoded
+pixels give the near-duplicates.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ log = logging.getLogger(__name__)
 DUPLICATE_TOLERANCE = 3  # near-duplicates: thumbnails within this many grey levels (data check's default)
 NEIGHBOURS = 10  # an outlier's score: its mean cosine distance to this many nearest images
 OUTLIER_Z = 6.0  # flagged when the score is this many robust deviations (1.4826 MAD) above the median
-CHUNK = 1024
+CHUNK = 1024  # images decoded at a time; rows of a similarity matrix at a time
 THUMB = 96
 
 
@@ -85,12 +86,28 @@ def _backbone(cfg: Config, run: Path | None, classes: int) -> tuple[Classifier, 
     return model, model.preprocessing(cfg.data.img_size, cfg.data.resize), f"{cfg.model.name} ({origin})"
 
 
-def _near_duplicates(images: torch.Tensor, names: list[str], paths: list[str]) -> list[dict[str, Any]]:
+def _features(
+    model: Classifier, prep: Preprocessing, device: torch.device, paths: list[Path], batch_size: int
+) -> tuple[torch.Tensor, list[tuple[int, np.ndarray]], list[Any], list[int]]:
+    """(features, fingerprints, unreadable files, indices of the readable paths), decoding CHUNK images at a
+    time so that a large folder never sits in memory as pixels."""
+    feats, prints, skipped, kept = [], [], [], []
+    for start in range(0, len(paths), CHUNK):
+        images, ok, bad = decode_many(paths[start : start + CHUNK], prep)
+        skipped += bad
+        kept += [start + i for i in ok]
+        batches = tensor_batches(images, torch.zeros(len(images), dtype=torch.long), batch_size, shuffle=False)
+        f, _ = extract_features(model, batches, device, inference_dtype("auto", device))
+        feats.append(f)
+        prints += [fingerprint(img) for img in images]
+    return torch.cat(feats), prints, skipped, kept
+
+
+def _near_duplicates(prints: list[tuple[int, np.ndarray]], names: list[str], paths: list[str]) -> list[dict[str, Any]]:
     """Pairs within one split that are the same picture resized or re-encoded: `data check`'s fingerprints
     (dHash, then 16 x 16 grey thumbnails within DUPLICATE_TOLERANCE grey levels), here within a split. Backbone
     features were tried first and missed: a resized copy of a noisy image scored 0.90 cosine similarity,
     below different images of the same class (0.97)."""
-    prints = [fingerprint(img) for img in images]
     found = []
     for split in ("train", "valid"):
         idx = [i for i, n in enumerate(names) if n == split]
@@ -140,13 +157,9 @@ def find_issues(
     device = pick_device(cfg.device)
     model, prep, source = _backbone(cfg, run, len(split.classes))
     model.to(device).use_channels_last()
-    images, ok, skipped = decode_many([s.path for _, s in entries], prep)
-    entries = [entries[i] for i in ok]
+    feats, prints, skipped, kept = _features(model, prep, device, [s.path for _, s in entries], batch_size)
+    entries = [entries[i] for i in kept]
     labels = np.array([s.label for _, s in entries], dtype=np.int64)
-    feats, _ = extract_features(
-        model, tensor_batches(images, torch.as_tensor(labels), batch_size, shuffle=False), device,
-        inference_dtype("auto", device),
-    )  # fmt: skip
     probs, wd = out_of_fold_probabilities(feats, labels, len(split.classes), folds, cfg.seed)
     paths = [str(s.path) for _, s in entries]
     names = [n for n, _ in entries]
@@ -157,7 +170,7 @@ def find_issues(
                        "suggested": split.classes[best], "score": round(float(probs[i, labels[i]]), 6),
                        "p_suggested": round(float(probs[i, best]), 6)})  # fmt: skip
     unit = torch.nn.functional.normalize(feats.float(), dim=1)
-    duplicates = _near_duplicates(images, names, paths)
+    duplicates = _near_duplicates(prints, names, paths)
     scores = _outlier_scores(unit)
     outliers = [{"path": paths[i], "split": names[i], "label": split.classes[labels[i]],
                  "score": round(float(scores[i]), 6)} for i in _outliers(scores)]  # fmt: skip

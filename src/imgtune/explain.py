@@ -134,7 +134,10 @@ class CamExplainer:
         handle = self.module.register_forward_hook(hook)
         was_training = self.model.training
         device = self.model.mean.device
+        params = [p for p in self.model.parameters() if p.requires_grad]
         try:
+            for p in params:  # no graph for the weights: only the layer's map needs a gradient
+                p.requires_grad_(False)
             self.model.eval()
             with torch.enable_grad():
                 logits = self.model(images.to(device)).float()
@@ -145,6 +148,8 @@ class CamExplainer:
         finally:
             handle.remove()
             self.model.train(was_training)
+            for p in params:
+                p.requires_grad_(True)
         with torch.no_grad():
             acts = acts.detach()
             cam = (grads.mean((2, 3), keepdim=True) * acts).sum(1, keepdim=True).clamp_min(0)
