@@ -219,6 +219,10 @@ def data_issues(
     run: Annotated[Path | None, typer.Option(help="Features from this run's trained backbone [pretrained].")] = None,
     folds: Annotated[int, typer.Option(help="Cross-validation folds for the out-of-fold probabilities.", min=2)] = 5,
     html_page: Annotated[bool, typer.Option("--html", help="Also write a review page with thumbnails.")] = False,
+    max_score: Annotated[
+        float | None,
+        typer.Option(help="Keep only issues whose given label has at most this probability, e.g. 0.01 [all].", min=0.0),
+    ] = None,
     batch_size: Annotated[int, typer.Option(min=1)] = 64,
     device: Annotated[Device, typer.Option()] = "auto",
     **flags: Any,
@@ -228,7 +232,8 @@ def data_issues(
     from imgtune.curate import find_issues
 
     cfg = _config(data, None, flags, ISSUES_FLAGS, None).model_copy(update={"device": device})
-    result = find_issues(cfg, run=run, folds=folds, out=out, html_page=html_page, batch_size=batch_size)
+    result = find_issues(cfg, run=run, folds=folds, out=out, html_page=html_page, batch_size=batch_size,
+                         max_score=max_score)  # fmt: skip
     typer.echo(result.format())
     if result.issues:
         typer.echo(f"to train without them:  imgtune train {data} --exclude {out}")

@@ -139,10 +139,11 @@ def _outliers(scores: np.ndarray) -> np.ndarray:
 # long: one pass over the data, then the three analyses on its features, in order
 def find_issues(
     cfg: Config, *, run: Path | None = None, folds: int = 5, out: Path | None = None, html_page: bool = False,
-    batch_size: int = 64,
+    batch_size: int = 64, max_score: float | None = None,
 ) -> IssuesResult:  # fmt: skip
     """Label issues, near-duplicates and outliers among DATA's labelled training and validation images; with
-    `out`, issues.csv there and near_duplicates.csv, outliers.csv (and issues.html) beside it."""
+    `out`, issues.csv there and near_duplicates.csv, outliers.csv (and issues.html) beside it. max_score: keep
+    only the issues whose given label has at most this out-of-fold probability (the surest ones)."""
     if folds < 2:
         raise DataError(f"--folds {folds}: cross-validation needs at least 2 folds")
     started = time.perf_counter()
@@ -165,6 +166,8 @@ def find_issues(
     names = [n for n, _ in entries]
     issues = []
     for i in find_label_issues(labels, probs):
+        if max_score is not None and probs[i, labels[i]] > max_score:
+            continue
         best = int(probs[i].argmax())
         issues.append({"path": paths[i], "split": names[i], "given": split.classes[labels[i]],
                        "suggested": split.classes[best], "score": round(float(probs[i, labels[i]]), 6),
