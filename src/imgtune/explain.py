@@ -161,7 +161,7 @@ class CamExplainer:
 class OcclusionExplainer:
     """Occlusion sensitivity (Zeiler and Fergus, 2014): how much the class's probability falls when a square
     of the image is hidden under its mean colour, for squares of S/4 placed every S/8 (7 x 7 places: squares
-    of S/7 and S/5 pointed worse in the pointing game, and cost 3.3x and 1.9x the time)."""
+    of S/3, S/5 and S/7 pointed worse in the pointing game; S/5 and S/7 cost 1.9x and 3.3x the time)."""
 
     layer = "the input (occlusion)"
     GRID = 4  # the square's side is S / GRID; it moves by half of that
