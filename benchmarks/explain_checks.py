@@ -72,6 +72,8 @@ def hits(explanations: list, boxes: dict[str, tuple[int, int, int, int]]) -> flo
 
     def hit(e: object) -> bool:
         x0, y0, x1, y1 = boxes[e.path]  # type: ignore[attr-defined]
+        if e.peak is None:  # type: ignore[attr-defined]
+            return False  # no evidence anywhere: a miss
         x, y = e.peak  # type: ignore[attr-defined]
         return x0 - TOLERANCE <= x < x1 + TOLERANCE and y0 - TOLERANCE <= y < y1 + TOLERANCE
 

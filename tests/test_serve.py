@@ -383,4 +383,5 @@ def test_no_endpoint_takes_a_path_or_a_model_from_the_client(run: Path) -> None:
     routes = {(r.path, tuple(sorted(r.methods))) for r in app.routes if isinstance(r, APIRoute)}
     assert routes == {("/", ("GET",)), ("/health", ("GET",)), ("/classes", ("GET",)), ("/predict", ("POST",))}
     predict = next(r for r in app.routes if isinstance(r, APIRoute) and r.path == "/predict")
-    assert {p.name for p in predict.dependant.query_params} == {"k"}  # only top-k: no path, no model name
+    params = {p.name: p.field_info.annotation for p in predict.dependant.query_params}
+    assert params == {"k": int, "explain": bool}  # top-k and the heatmap switch: no path, no model name

@@ -268,8 +268,9 @@ def explain(
             atomic_write_bytes(folder / name, png_bytes(overlay(image, e)))
             npz.add(e.path, e.heatmap)
             rows.append({"path": e.path, "label": e.label, "confidence": round(e.confidence, 6),
-                         "explained": e.explained, "explained_p": round(e.explained_p, 6), "peak_x": e.peak[0],
-                         "peak_y": e.peak[1], "width": e.size[0], "height": e.size[1], "overlay": name})  # fmt: skip
+                         "explained": e.explained, "explained_p": round(e.explained_p, 6),
+                         "peak_x": e.peak[0] if e.peak else "", "peak_y": e.peak[1] if e.peak else "",
+                         "width": e.size[0], "height": e.size[1], "overlay": name})  # fmt: skip
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, lineterminator="\n")
     writer.writeheader()

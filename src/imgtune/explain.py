@@ -61,7 +61,7 @@ class Explanation:
     explained: str  # the class the map is for (the prediction unless one was asked for)
     explained_p: float
     heatmap: np.ndarray  # float32 S x S in [0, 1], at the model's input size
-    peak: tuple[int, int]  # (x, y): the heatmap's maximum in the original image's pixels
+    peak: tuple[int, int] | None  # (x, y): the heatmap's maximum in the original's pixels; None: no evidence
     size: tuple[int, int]  # the original image's (width, height)
     geometry: ViewGeometry
 
@@ -224,7 +224,11 @@ def normalised(cam: torch.Tensor, geometry: ViewGeometry) -> np.ndarray:
     return (out / top if top > 0 else out).numpy().astype(np.float32)
 
 
-def peak(heatmap: np.ndarray, geometry: ViewGeometry, width: int, height: int) -> tuple[int, int]:
+def peak(heatmap: np.ndarray, geometry: ViewGeometry, width: int, height: int) -> tuple[int, int] | None:
+    """The map's maximum in the original's pixels; None for a map that is zero everywhere (nothing in the
+    image speaks for the class: its argmax would be the top-left corner, which means nothing)."""
+    if not heatmap.any():
+        return None
     v, u = np.unravel_index(int(np.argmax(heatmap)), heatmap.shape)
     return geometry.to_original(u + 0.5, v + 0.5, width, height)
 
