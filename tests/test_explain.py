@@ -68,7 +68,7 @@ def test_randomised_weights_change_the_maps(trained: tuple[Path, dict[str, tuple
             m.reset_parameters()  # type: ignore[operator]
     names = predictor.display_names
     for method in ("gradcam", "occlusion"):
-        probe = images if method == "gradcam" else images[::8]
+        probe = images if method == "gradcam" else images[::15]  # occlusion: 49 passes an image
         found = explain_images(make_explainer(model, predictor.prep.img_size, method), predictor.prep, probe, names)
         scrambled = explain_images(make_explainer(random_model, predictor.prep.img_size, method), predictor.prep,
                                    probe, names)  # fmt: skip
