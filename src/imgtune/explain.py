@@ -165,6 +165,7 @@ class OcclusionExplainer:
 
     layer = "the input (occlusion)"
     GRID = 4  # the square's side is S / GRID; it moves by half of that
+    SLICE = 32  # occluded copies per forward pass: bounds the activations' memory
 
     def __init__(self, model: Classifier, img_size: int) -> None:
         self.model, self.img_size = model, img_size
@@ -188,7 +189,10 @@ class OcclusionExplainer:
                 hidden = x.unsqueeze(1).repeat(1, len(starts), 1, 1, 1)  # N x row x 3 x S x S
                 for j, left in enumerate(starts):
                     hidden[:, j, :, top : top + side, left : left + side] = fill
-                p = self.model(hidden.flatten(0, 1)).float().log_softmax(1).view(len(x), len(starts), -1)
+                flat = hidden.flatten(0, 1)  # in slices: a batch of 16 photos is 112 occluded copies a row
+                logp = torch.cat([self.model(flat[k : k + self.SLICE]).float().log_softmax(1)
+                                  for k in range(0, len(flat), self.SLICE)])  # fmt: skip
+                p = logp.view(len(x), len(starts), -1)
                 drops[:, i] = base[:, None] - p.gather(2, chosen.view(-1, 1, 1).expand(-1, len(starts), 1))[..., 0]
         finally:
             self.model.train(was_training)
