@@ -133,7 +133,7 @@ def test_train_with_exclude_and_relabel_keeps_what_it_did(
     rows = _rows(out)
     fix = tmp_path / "fix.csv"
     first = rows[0]
-    fix.write_text(f"path,label\n{first['path']},{first['suggested']}\n")
+    fix.write_text(f"\ufeffpath,label\n{first['path']},{first['suggested']}\n")  # as a spreadsheet saves it
     exclude = tmp_path / "exclude.txt"
     exclude.write_text("".join(f"{r['path']}\n" for r in rows[1:]) + f"{root}/train/no/such.png\n")
     result = train_small(root, tmp_path / "run", **{"data.exclude": exclude, "data.relabel": fix,

@@ -31,6 +31,7 @@ from imgtune.features import extract_features, tensor_batches
 from imgtune.files import atomic_write_text
 from imgtune.layouts import DataError, Sample, Split, load_split
 from imgtune.models import Classifier, create_model, model_from_checkpoint
+from imgtune.predict import FORMULA_START, spreadsheet_safe
 from imgtune.runtime import inference_dtype, pick_device
 from imgtune.transforms import Preprocessing
 
@@ -186,8 +187,6 @@ def find_issues(
 
 
 def _csv(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
-    from imgtune.predict import spreadsheet_safe
-
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(columns), lineterminator="\n", extrasaction="ignore")
     writer.writeheader()
@@ -274,7 +273,7 @@ background:#eee}}.path{{font-size:11px;overflow-wrap:anywhere;margin:0}}</style>
 
 def _read_rows(file: Path) -> list[dict[str, str]] | list[str]:
     """A CSV with a header (dict rows) when its first line names a `path` column, else one path a line."""
-    text = file.read_text(encoding="utf-8", errors="surrogateescape")
+    text = file.read_text(encoding="utf-8-sig", errors="surrogateescape")  # -sig: a spreadsheet's BOM
     first = text.splitlines()[0] if text.strip() else ""
     if "path" in [c.strip().lower() for c in next(csv.reader([first]), [])]:
         return [
@@ -286,6 +285,8 @@ def _read_rows(file: Path) -> list[dict[str, str]] | list[str]:
 
 def _resolver(root: Path) -> Any:
     def resolve(value: str) -> Path:
+        if value.startswith("'") and value[1:2] in FORMULA_START:
+            value = value[1:]  # the apostrophe our CSVs put before a cell a spreadsheet would run
         p = Path(value)
         if not p.is_absolute() and not p.exists() and (root / p).exists():
             p = root / p
