@@ -18,6 +18,7 @@ import logging
 import os
 import shutil
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -173,14 +174,18 @@ class CheckpointSaver:
         checkpoint = dataclasses.replace(
             self.template, state_dict=weights, train_state=state if kind == "last" else None, **progress
         )
-        if kind == "last":
-            keep_previous(self.run.last, self.run.last_prev)
-        save_checkpoint(self.run.best if kind == "best" else self.run.last, checkpoint)
+        if kind == "best":
+            save_checkpoint(self.run.best, checkpoint)
+            return
+        # last.prev.pt := the old last.pt only once the new one is complete: a hard link shares the file, so
+        # linking first left both names on one inode for the whole write (a kill then, and damage to last.pt
+        # in place, took the fallback with it - found by test_resume's kill-at-a-random-moment test)
+        save_checkpoint(self.run.last, checkpoint, lambda: keep_previous(self.run.last, self.run.last_prev))
 
 
 def keep_previous(path: Path, previous: Path) -> None:
     """previous := path, without a moment where path is missing: a hard link renamed into place (a copy where
-    the file system has no links). The new path is then written beside it, atomically, as every file is."""
+    the file system has no links). Called by the writer of the new path just before it replaces the old one."""
     if not path.is_file() or not zipfile.is_zipfile(path):  # only a whole file is worth falling back to
         return
     tmp = previous.with_name(f".{previous.name}.{os.getpid()}.tmp")
@@ -192,10 +197,10 @@ def keep_previous(path: Path, previous: Path) -> None:
     os.replace(tmp, previous)
 
 
-def save_checkpoint(path: Path, checkpoint: Checkpoint) -> None:
+def save_checkpoint(path: Path, checkpoint: Checkpoint, before_replace: Callable[[], None] | None = None) -> None:
     buf = io.BytesIO()
     torch.save(checkpoint.to_payload(), buf)
-    atomic_write_bytes(path, buf.getvalue())
+    atomic_write_bytes(path, buf.getvalue(), before_replace)
 
 
 def safe_torch_load(path: Path) -> Any:
