@@ -25,7 +25,7 @@ from imgtune.predict import (
     expand_inputs,
     load_predictor,
     predictions_csv,
-    spreadsheet_safe,
+    rows_csv,
     submission_csv,
     write_predictions,
 )
@@ -248,9 +248,6 @@ def explain(
     """Class activation maps for files, folders and globs: OUT/<stem>.png overlays, OUT/heatmaps.npz (one
     S x S float32 map per input, keyed by the path as given) and OUT/explain.csv (explain.CSV_COLUMNS: the
     peak in the original image's pixels). Each file is written atomically; the CSV last."""
-    import csv
-    import io
-
     from imgtune.explain import CSV_COLUMNS, NpzWriter, overlay, overlay_name, png_bytes
 
     predictor = load(run, device, precision="fp32")
@@ -271,9 +268,5 @@ def explain(
                          "explained": e.explained, "explained_p": round(e.explained_p, 6),
                          "peak_x": e.peak[0] if e.peak else "", "peak_y": e.peak[1] if e.peak else "",
                          "width": e.size[0], "height": e.size[1], "overlay": name})  # fmt: skip
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows({k: spreadsheet_safe(v) if isinstance(v, str) else v for k, v in r.items()} for r in rows)
-    atomic_write_text(folder / "explain.csv", buf.getvalue())
+    atomic_write_text(folder / "explain.csv", rows_csv(rows, CSV_COLUMNS))
     return ExplainResult(rows, skipped, folder, cam.layer, method)

@@ -15,7 +15,6 @@ import html
 import io
 import logging
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -31,7 +30,7 @@ from imgtune.features import extract_features, tensor_batches
 from imgtune.files import atomic_write_text
 from imgtune.layouts import DataError, Sample, Split, load_split
 from imgtune.models import Classifier, create_model, model_from_checkpoint
-from imgtune.predict import FORMULA_START, spreadsheet_safe
+from imgtune.predict import FORMULA_START, rows_csv
 from imgtune.runtime import inference_dtype, pick_device
 from imgtune.transforms import Preprocessing
 
@@ -186,14 +185,6 @@ def find_issues(
     return result
 
 
-def _csv(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(columns), lineterminator="\n", extrasaction="ignore")
-    writer.writeheader()
-    writer.writerows({k: spreadsheet_safe(v) if isinstance(v, str) else v for k, v in r.items()} for r in rows)
-    return buf.getvalue()
-
-
 def _write(
     result: IssuesResult, out: Path, html_page: bool, probs: np.ndarray, labels: np.ndarray, paths: list[str]
 ) -> None:
@@ -203,10 +194,10 @@ def _write(
         "near-duplicates": folder / "near_duplicates.csv",
         "outliers": folder / "outliers.csv",
     }
-    atomic_write_text(out, _csv(result.issues, ["path", "given", "suggested", "score", "p_suggested", "split"]))
+    atomic_write_text(out, rows_csv(result.issues, ["path", "given", "suggested", "score", "p_suggested", "split"]))
     columns = ["path", "duplicate_of", "mean_abs_diff", "split"]
-    atomic_write_text(files["near-duplicates"], _csv(result.duplicates, columns))
-    atomic_write_text(files["outliers"], _csv(result.outliers, ["path", "label", "score", "split"]))
+    atomic_write_text(files["near-duplicates"], rows_csv(result.duplicates, columns))
+    atomic_write_text(files["outliers"], rows_csv(result.outliers, ["path", "label", "score", "split"]))
     if html_page:
         files["review page"] = out.with_suffix(".html")
         atomic_write_text(files["review page"], review_page(result, probs, labels, paths))
@@ -312,7 +303,7 @@ class Curation:
         if "relabel_file" in self.record:
             files["relabel"] = folder / "relabel.csv"
             atomic_write_text(
-                files["relabel"], _csv([{"path": p, "label": c} for p, c in self.relabelled], ["path", "label"])
+                files["relabel"], rows_csv([{"path": p, "label": c} for p, c in self.relabelled], ["path", "label"])
             )
         return files
 

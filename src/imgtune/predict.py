@@ -451,6 +451,15 @@ def spreadsheet_safe(cell: str) -> str:
     return "'" + cell if cell.startswith(FORMULA_START) else cell
 
 
+def rows_csv(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
+    """A CSV of dict rows under `columns` (other keys left out), text cells spreadsheet-safe."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(columns), lineterminator="\n", extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows({k: spreadsheet_safe(v) if isinstance(v, str) else v for k, v in r.items()} for r in rows)
+    return buf.getvalue()
+
+
 def predictions_csv(rows: Sequence[Prediction], top_k: int) -> str:
     header = ["path", "label", "confidence"]
     for r in range(2, top_k + 1):

@@ -264,7 +264,7 @@ def _start_run_folder(wb: Workbench, held: contextlib.ExitStack) -> Path:
     if cfg.out is None:  # a runs/<name>-N just made; with --out, the lock is held since the start
         held.enter_context(RunLock(run.path))
     copies = wb.curation.write(run.path)  # the run re-applies its own copies on resume
-    data = cfg.data.model_copy(update={k: v for k, v in copies.items()})
+    data = cfg.data.model_copy(update=copies)
     atomic_write_text(run.config, cfg.model_copy(update={"out": run.path, "data": data}).to_yaml())
     run.write_json(run.classes, wb.split.classes)
     if wb.display_names != wb.split.classes:
