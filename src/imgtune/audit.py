@@ -135,6 +135,17 @@ def audit(
 HASH_PREFILTER_BITS = 8  # candidates: dHashes within this many of 64 bits; thumbnails then decide
 
 
+_BYTE_BITS = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
+
+
+def popcount(x: np.ndarray) -> np.ndarray:
+    """Set bits of each uint64: np.bitwise_count where NumPy has it (2.0+), else a byte table (NumPy 1.x,
+    which imgtune still supports)."""
+    if hasattr(np, "bitwise_count"):
+        return np.bitwise_count(x)
+    return _BYTE_BITS[x[..., None].view(np.uint8)].sum(-1, dtype=np.uint8)
+
+
 def near_pairs(
     a: Sequence[tuple[int, np.ndarray]], b: Sequence[tuple[int, np.ndarray]] | None, tolerance: float
 ) -> list[tuple[int, int, float]]:
@@ -152,7 +163,7 @@ def near_pairs(
     hb, tb = (ha, ta) if b is None else arrays(b)
     found = []
     for start in range(0, len(a), 256):
-        dist = np.bitwise_count(ha[start : start + 256, None] ^ hb[None, :])
+        dist = popcount(ha[start : start + 256, None] ^ hb[None, :])
         ii, jj = np.nonzero(dist <= HASH_PREFILTER_BITS)
         ii = ii + start
         if b is None:

@@ -102,6 +102,7 @@ class Checkpoint:
     best_epoch: int = 0
     temperature: float = 1.0  # temperature scaling fitted by --calibrate / imgtune calibrate (1: none)
     train_state: TrainState | None = None  # last.pt only
+    versions: dict[str, str] = field(default_factory=dict)  # packages.versions() of the run that wrote it
 
     @property
     def display_names(self) -> list[str]:
@@ -113,7 +114,7 @@ class Checkpoint:
             "arch": self.arch, "classes": self.classes, "class_names": self.display_names,
             "preprocessing": self.preprocessing.to_dict(), "config": self.config, "epoch": self.epoch,
             "stage": self.stage, "best_valid_acc": self.best_valid_acc, "best_epoch": self.best_epoch,
-            "temperature": self.temperature,
+            "temperature": self.temperature, "versions": self.versions,
         }  # fmt: skip
 
     def to_payload(self) -> dict[str, Any]:
@@ -146,6 +147,7 @@ class Checkpoint:
             best_epoch=int(data.get("best_epoch", 0)),
             temperature=float(data.get("temperature", 1.0)),
             train_state=TrainState.from_payload(train_state) if train_state else None,
+            versions={str(k): str(v) for k, v in (data.get("versions") or {}).items()},
         )
 
 

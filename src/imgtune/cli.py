@@ -627,6 +627,9 @@ def serve(
     ] = 64,
 ) -> None:
     """Serve predictions over HTTP (POST /predict, GET /health, GET /classes) with a web page at /."""
+    from imgtune.packages import need_all
+
+    need_all(("fastapi", "uvicorn", "multipart"), "imgtune serve")
     from imgtune.serve import serve as run_server
 
     run_server(

@@ -30,6 +30,7 @@ from imgtune.files import atomic_write_bytes
 from imgtune.images import ImageError
 from imgtune.layouts import DataError, list_files
 from imgtune.models import Classifier, model_from_checkpoint
+from imgtune.packages import need_all, versions
 
 log = logging.getLogger(__name__)
 PARITY_ATOL = 1e-4  # max |p_torch - p_onnxruntime| over all classes and images
@@ -212,6 +213,7 @@ def onnx_model(
 ) -> tuple[bytes, ExportResult]:
     """The checkpoint as serialised ONNX (preprocessing, softmax and metadata inside), checked against PyTorch
     on real images; the int8 export quantizes exactly this model."""
+    need_all(("onnx", "onnxruntime"), "imgtune export")
     import onnx
 
     ckpt = load_checkpoint(ckpt_path)
@@ -245,6 +247,8 @@ def onnx_model(
         "architecture": str(ckpt.arch["name"]),
         "temperature": str(ckpt.temperature),
         "precision": precision,
+        "versions": json.dumps(versions("onnx", "onnxruntime")),  # of the export; the checkpoint's are its own
+        "trained_with": json.dumps(ckpt.versions),
     }
     set_metadata(proto, meta)
     proto.doc_string = meta["input"] + "; " + meta["output"]

@@ -342,8 +342,9 @@ class OnnxPredictor(Predictor):
     metadata, so the .onnx file is all it needs."""
 
     def __init__(self, path: Path) -> None:
-        import onnxruntime as ort
+        from imgtune.packages import need
 
+        ort = need("onnxruntime", f"running {path.name} (an ONNX model)")
         from imgtune.export import INPUT, unreadable
 
         try:  # the metadata comes from the session: importing onnx to read it cost 0.7 s of a predict's start

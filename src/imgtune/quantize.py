@@ -28,6 +28,7 @@ from imgtune.checkpoint import resolve_checkpoint
 from imgtune.export import INPUT, OUTPUT, ExportError, onnx_model, set_metadata
 from imgtune.files import atomic_write_bytes
 from imgtune.layouts import DataError
+from imgtune.packages import need_all
 from imgtune.transforms import Preprocessing
 
 log = logging.getLogger(__name__)
@@ -212,6 +213,7 @@ def export_int8(
     method: minmax, entropy, percentile, or auto (each in turn until one passes). calibration_images: files,
     folders or globs to calibrate on instead of `calibration` training images (photos like those the model
     will see in use); the guard still runs on the validation split."""
+    need_all(("onnx", "onnxruntime", "onnxruntime.quantization"), "imgtune export --int8")
     import onnx
     import onnxruntime as ort
 

@@ -31,6 +31,7 @@ from imgtune.engine import Trainer
 from imgtune.files import atomic_write_text
 from imgtune.lrfind import LRFindResult, plot, range_test, tune_lr
 from imgtune.metrics import EvalResult
+from imgtune.packages import versions
 from imgtune.predict import TorchPredictor
 from imgtune.progress import Progress, SilentProgress
 from imgtune.runs import RunFolder, RunLock, ensure_free, new_run_folder
@@ -335,6 +336,7 @@ def _summary(wb: Workbench, trainer: Trainer, started: float, retries: int) -> d
         "wall_seconds": round(time.perf_counter() - started, 2),
         "device": str(wb.device),
         "torch": torch.__version__,
+        "versions": versions(),
         "platform": platform.platform(),
     }
     if wb.split.notes:

@@ -33,6 +33,7 @@ from imgtune.distributed import Dist, current
 from imgtune.layouts import DataError, Sample, Split, class_names_file, load_split, readable
 from imgtune.models import Body, Classifier, create_model, has_pretrained_weights
 from imgtune.optim import OptimSettings
+from imgtune.packages import versions
 from imgtune.rng import seed_everything
 from imgtune.runtime import pick_device, probe_batch_size, training_dtype
 from imgtune.tracking import MONITORS
@@ -79,7 +80,7 @@ class Workbench:
         """What every checkpoint of this run says besides its weights and progress."""
         return Checkpoint(
             arch=dict(self.model.arch), classes=list(self.split.classes), preprocessing=self.prep, state_dict={},
-            class_names=self.display_names, config=self.cfg.to_plain(),
+            class_names=self.display_names, config=self.cfg.to_plain(), versions=versions(),
         )  # fmt: skip
 
     def valid_pairs(self) -> list[tuple[Path, str]]:
