@@ -6,7 +6,7 @@ DATA ?= data/fashion-mnist
 STAMP := $(VENV)/.imgtune-installed
 FASHION_DEB := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: demo test test-fast test-deps lint venv fashion-mnist clean
+.PHONY: demo test test-fast test-min test-deps lint venv fashion-mnist clean
 
 venv: $(STAMP)
 
@@ -52,5 +52,15 @@ test: lint test-deps
 test-fast: lint test-deps
 	$(BIN)/pytest -m "not slow"
 
+# The lowest versions pyproject.toml allows (tools/min_constraints.py), in their own venv, on the fast tests.
+VENV_MIN ?= .venv-min
+test-min: test-deps
+	test -x $(VENV_MIN)/bin/python || $(PYTHON) -m venv $(VENV_MIN)
+	$(VENV_MIN)/bin/python -m pip install -q --upgrade pip
+	$(VENV_MIN)/bin/python tools/min_constraints.py > $(VENV_MIN)/constraints.txt
+	$(VENV_MIN)/bin/python -m pip install -q -c $(VENV_MIN)/constraints.txt -e '.[dev]'
+	$(VENV_MIN)/bin/python tools/min_constraints.py --check
+	$(VENV_MIN)/bin/pytest -m "not slow" -p no:cacheprovider
+
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(VENV_MIN) .pytest_cache .mypy_cache .ruff_cache

@@ -5,15 +5,18 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-from collections.abc import Sequence
+import sys
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from imgtune.calibration import Calibration
 from imgtune.checkpoint import resolve_checkpoint
+from imgtune.config import Config, ConfigError, resolve
 from imgtune.data import load_class_names
 from imgtune.files import atomic_write_bytes, atomic_write_text
+from imgtune.keywords import keyword_overrides
 from imgtune.layouts import LabelRule, labelled_pairs
 from imgtune.metrics import EvalResult
 from imgtune.predict import (
@@ -29,13 +32,74 @@ from imgtune.predict import (
     submission_csv,
     write_predictions,
 )
-from imgtune.recipe import TrainResult, resume, train
+from imgtune.progress import Progress, auto_progress, in_notebook
+from imgtune.recipe import TrainResult, resume
+from imgtune.recipe import train as train_config
 from imgtune.runs import RunLock
+from imgtune.runtime import StopRequest
 
 log = logging.getLogger(__name__)
 
 
 Runs = Path | str | Sequence[Path | str]
+
+
+def train(
+    data: Config | Path | str | None = None,
+    /,
+    config: Config | Path | str | None = None,
+    *,
+    recipe: str | None = None,
+    progress: Progress | None = None,
+    stop: StopRequest | None = None,
+    verbose: bool | None = None,
+    **keys: Any,
+) -> TrainResult:
+    """Train on a dataset folder, every config key a keyword:
+
+        imgtune.train("data/flowers", model="resnet18", epochs=5, img_size=224, smoothing=0.1)
+
+    `keys` are config keys by their last part (epochs, img_size, lr, hflip), any key with `__` for its dots
+    (train__stage2__lr=1e-4), or a flag's name (smoothing, reprob, layer_decay, model_ema, scratch=True);
+    see keywords.py. `config`: a YAML file or a Config under the keywords; `recipe`: transfer or scratch (by
+    default the one the model calls for). A Config alone (`train(cfg)`) is trained as it is. verbose (default:
+    in a notebook): epoch lines and progress shown as the run goes. Returns a TrainResult: run_dir, history
+    (the metrics rows), plot() (the curves), report (report.html), test, summary."""
+    if isinstance(data, Config):
+        if config is not None:
+            raise ConfigError("give a Config or a dataset folder with config=, not both")
+        config, data = data, None
+    if isinstance(config, Config) and not keys and data is None and recipe is None:
+        cfg = config
+    else:
+        given = {**({"data.path": data} if data is not None else {}), **keyword_overrides(keys)}
+        if isinstance(config, Config):
+            cfg = resolve(None, None, given, recipe, base=config.to_plain())
+        else:
+            cfg = resolve(Path(config) if config is not None else None, None, given, recipe)
+    show = in_notebook() if verbose is None else verbose
+    with _showing_logs(show):
+        return train_config(cfg, progress or (auto_progress() if show else None), stop)
+
+
+@contextlib.contextmanager
+def _showing_logs(show: bool) -> Iterator[None]:
+    """imgtune's INFO lines (epochs, test accuracy, the run folder) on stdout for the call, unless logging is
+    configured already (the CLI, an application's own handlers)."""
+    logger = logging.getLogger("imgtune")
+    if not show or logger.handlers or logging.getLogger().handlers:
+        yield
+        return
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
 
 
 def load(

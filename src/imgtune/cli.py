@@ -15,7 +15,7 @@ from typing import Annotated, Any
 
 import typer
 
-from imgtune.config import RECIPES, Backend, Config, ConfigError, Device, Precision, build_config
+from imgtune.config import Backend, Config, ConfigError, Device, Precision, build_config, resolve
 from imgtune.distributed import env_rank, teardown
 from imgtune.errors import Interrupted, UserError
 from imgtune.options import (
@@ -29,7 +29,6 @@ from imgtune.options import (
     overrides,
     with_flags,
 )
-from imgtune.scratch import is_builtin
 
 app = typer.Typer(
     help="Fine-tune pretrained image classifiers on a folder of images: train, evaluate, predict.",
@@ -274,10 +273,13 @@ def _floats(text: str | None, flag: str) -> list[float] | None:
 
 
 def _config(data: Path | None, file: Path | None, flags: dict[str, Any], table: list[Flag], sets: list[str] | None,
-            base: dict[str, Any] | None = None) -> Config:  # fmt: skip
-    """The command's Config: `base` (a recipe) < the YAML file < DATA and the flags < --set."""
+            recipes: bool = False, recipe: str | None = None) -> Config:  # fmt: skip
+    """The command's Config: the YAML file < DATA and the flags < --set; with `recipes`, over the defaults of
+    `recipe` (or of the one the model calls for)."""
     given = {"data.path": data, **overrides(table, flags)}
-    return build_config(file, given, base=base, explicit=_parse_sets(sets))
+    if not recipes:
+        return build_config(file, given, explicit=_parse_sets(sets))
+    return resolve(file, given, _parse_sets(sets), recipe=recipe)
 
 
 @app.command()
@@ -312,13 +314,7 @@ def train(
         return
     if data is None and config is None:
         _fail("give a dataset folder (DATA), --config FILE or --resume RUN")
-    cfg = _config(data, config, flags, TRAIN_FLAGS, set_)
-    chosen = recipe or ("scratch" if is_builtin(cfg.model.name) else "transfer")
-    if chosen not in RECIPES:
-        raise ConfigError(f"--recipe {chosen!r}: choose one of {', '.join(RECIPES)}")
-    if RECIPES[chosen]:  # the recipe's defaults sit under the config file and the flags
-        cfg = _config(data, config, flags, TRAIN_FLAGS, set_, RECIPES[chosen])
-        logging.getLogger("imgtune").info("recipe: %s", chosen)
+    cfg = _config(data, config, flags, TRAIN_FLAGS, set_, recipes=True, recipe=recipe)
     if print_config:
         typer.echo(cfg.to_yaml(), nl=False)
         return

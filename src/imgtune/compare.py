@@ -119,9 +119,9 @@ def write_results(out: Path, results: list[VariantResult]) -> None:
 
 
 def _curves(results: list[VariantResult], out: Path) -> Path:
-    from imgtune.report import plt, read_rows, save_figure  # report selects the headless Agg backend
+    from imgtune.report import read_rows, save_figure, subplots
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = subplots(1, 2, figsize=(11, 4))
     for r in results:
         rows = read_rows(r.run_dir / "metrics.csv")
         acc = [float(x["valid_acc"]) for x in rows]

@@ -7,6 +7,7 @@ so a run can be repeated from that file alone.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -275,6 +276,11 @@ class ModelConfig(_Section):
     dropout: float = setting(
         0.0, "dropout right before the classifier layer", ge=0.0, lt=1.0, when="for small datasets"
     )
+    drop_path: float = setting(
+        0.0, "stochastic depth: the rate at which residual branches are dropped (timm's drop_path_rate)", ge=0.0,
+        lt=1.0, when="0.1-0.2 for longer fine-tuning of ViT, ConvNeXt or EfficientNet; timm models whose blocks "
+        "have residual branches only",
+    )  # fmt: skip
     mean: list[float] | None = setting(
         None, "input normalisation: the per-channel (R,G,B) mean on the 0-1 scale, as torchvision's Normalize",
         unset="the weights' own",
@@ -390,7 +396,10 @@ class TrainConfig(_Registered):
     )  # fmt: skip
     momentum: float = setting(0.9, "SGD/RMSprop momentum", ge=0.0, lt=1.0)
     nesterov: bool = setting(True, "SGD: Nesterov momentum")
-    weight_decay: float = setting(0.01, "weight decay, never on biases and norm weights", ge=0.0)
+    weight_decay: float = setting(
+        0.01, "weight decay, never on biases, norm weights and what the model's no_weight_decay() names",
+        ge=0.0, when="timm's grouping: ViT position embeddings and class tokens are not decayed either",
+    )  # fmt: skip
     schedule: str = setting(
         "cosine", "LR schedule, both stages",
         when="`constant`; `cosine` (per step, to 0); `onecycle` (per step: LR/25 -> LR at 25% -> ~0; its own "
@@ -493,7 +502,14 @@ class TrainConfig(_Registered):
         when="on a 2-core CPU it cost 20-50 s per mode and gained nothing under bf16: for long GPU runs",
     )  # fmt: skip
     deterministic: bool = setting(False, "PyTorch's deterministic algorithms (and no cuDNN autotuning)")
-    tensorboard: bool = setting(False, "also log every metric to RUN/tensorboard/ (pip install tensorboard)")
+    tensorboard: bool = setting(
+        False, "log to RUN/tensorboard/: per-step loss and LR, per-epoch metrics, images, hyperparameters",
+        when="pip install 'imgtune[tensorboard]'; then tensorboard --logdir runs",
+    )  # fmt: skip
+    mlflow: bool = setting(
+        False, "log the run to MLflow: parameters, per-epoch metrics, report and best.pt as artifacts",
+        when="pip install 'imgtune[mlflow]'; the store is MLFLOW_TRACKING_URI, else ./mlruns (mlflow ui shows it)",
+    )  # fmt: skip
 
     _monitor = field_validator("monitor")(check_monitor)
 
@@ -588,6 +604,30 @@ RECIPES: dict[str, dict[str, Any]] = {
         },
     },
 }
+
+
+def resolve(
+    file: Path | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    explicit: Mapping[str, Any] | None = None,
+    recipe: str | None = None,
+    base: Mapping[str, Any] | None = None,
+) -> Config:
+    """build_config with a recipe's defaults under everything else: `recipe`, or the one the model calls for
+    (scratch for the built-in CNNs, else transfer). What `imgtune train` and `imgtune.train(...)` both do."""
+    from imgtune.scratch import is_builtin
+
+    cfg = build_config(file, overrides, base=base, explicit=explicit)
+    chosen = recipe or ("scratch" if is_builtin(cfg.model.name) else "transfer")
+    if chosen not in RECIPES:
+        raise ConfigError(f"recipe {chosen!r}: choose one of {', '.join(RECIPES)}")
+    if not RECIPES[chosen]:
+        return cfg
+    logging.getLogger(__name__).info("recipe: %s", chosen)
+    merged: dict[str, Any] = {k: dict(v) if isinstance(v, Mapping) else v for k, v in RECIPES[chosen].items()}
+    for key, value in (base or {}).items():  # a base config (a Config's values) wins over the recipe
+        merged[key] = {**merged.get(key, {}), **value} if isinstance(value, Mapping) else value
+    return build_config(file, overrides, base=merged, explicit=explicit)
 
 
 def _format_error(err: ValidationError) -> str:

@@ -127,10 +127,10 @@ class Trainer:
                     pending = 0
                     continue
                 pending = 0 if step_now else pending + 1
+                loss, logits, hard = out
                 if step_now:
                     acc["lr_sum"], acc["steps"] = acc["lr_sum"] + lr, acc["steps"] + 1
-                    self.tracker.log_step(stage.number, lr)
-                loss, logits, hard = out
+                    self.tracker.log_step(stage.number, lr, float(loss))
                 acc["loss"] += float(loss) * len(hard)
                 acc["correct"] += int((logits.argmax(1) == hard).sum())
                 acc["seen"] += len(hard)
@@ -216,6 +216,7 @@ class Trainer:
                 if verdict.improved:
                     self.save("best", stage)
                 self.save("last", stage)
+                tracker.checkpointed()
             if st.stopped_early:
                 break
             if policy.interruptible and self.dist.any(self.stop.requested)[0]:  # also a stop during validation
@@ -227,6 +228,7 @@ class Trainer:
             if tracker.log_stage(stage.number, time.perf_counter() - started):  # the run's best epoch is in it
                 self.save("best", stage)
             self.save("last", stage)
+            tracker.checkpointed()
 
     def _epoch(self, stage: Stage) -> dict[str, Any]:
         """Train one epoch, validate (the EMA weights when there are some; the raw ones too at the stage's

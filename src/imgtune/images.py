@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import numpy as np
 import torch
@@ -128,3 +128,36 @@ def load_rgb(path: Source, draft_size: int | None = None) -> torch.Tensor:
     if arr.ndim != 3 or arr.shape[2] != 3:
         raise ImageError(_name(path), f"unexpected decoded shape {arr.shape}")
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
+
+
+def in_memory_rgb(image: Any, name: str = "<image>") -> torch.Tensor:
+    """A picture already in memory -> CHW uint8 RGB: a PIL image (any mode, as files are converted), a NumPy
+    array H x W x C or H x W (the PIL/OpenCV layout; RGB order), or a tensor C x H x W or H x W (torchvision's
+    layout); uint8, or floats in [0, 1]. One or four channels become RGB as a file's would."""
+    if isinstance(image, Image.Image):
+        return torch.from_numpy(np.asarray(_to_rgb(image), dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
+    if isinstance(image, np.ndarray):
+        tensor = torch.from_numpy(np.array(image))  # a copy: arrays from PIL are read-only
+        tensor = tensor.unsqueeze(0) if tensor.ndim == 2 else tensor.permute(2, 0, 1) if tensor.ndim == 3 else tensor
+    elif isinstance(image, torch.Tensor):
+        tensor = image.detach().cpu()
+        tensor = tensor.unsqueeze(0) if tensor.ndim == 2 else tensor
+    else:
+        raise ImageError(name, f"not an image: {type(image).__name__} (give a path, PIL image, array or tensor)")
+    if tensor.ndim != 3 or tensor.shape[0] not in (1, 3, 4) or min(tensor.shape[1:]) < 1:
+        layout = "H x W x C" if isinstance(image, np.ndarray) else "C x H x W"
+        raise ImageError(name, f"shape {tuple(image.shape)} is not an image ({layout}, with 1, 3 or 4 channels)")
+    if tensor.is_floating_point():
+        low, high = float(tensor.min()), float(tensor.max())
+        if low < 0 or high > 1:
+            raise ImageError(name, f"float pixels must be in [0, 1], these span [{low:.3g}, {high:.3g}]")
+        tensor = (tensor * 255).round().to(torch.uint8)
+    elif tensor.dtype != torch.uint8:
+        raise ImageError(name, f"pixels of type {tensor.dtype} (give uint8, or floats in [0, 1])")
+    if tensor.shape[0] == 1:
+        return tensor.expand(3, -1, -1).contiguous()
+    if tensor.shape[0] == 4:  # RGBA: on the background files with alpha get
+        alpha = tensor[3:].float() / 255
+        back = torch.tensor(BACKGROUND, dtype=torch.float32).view(3, 1, 1)
+        return (tensor[:3].float() * alpha + back * (1 - alpha)).round().to(torch.uint8)
+    return tensor.contiguous()

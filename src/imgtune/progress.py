@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import Any, Protocol
+from typing import Any, Protocol, TextIO
 
 
 class Task(Protocol):
@@ -37,8 +37,8 @@ def _fmt(fields: dict[str, Any]) -> str:
 
 
 class _Line:
-    def __init__(self, description: str, total: int, every_s: float) -> None:
-        self.description, self.total, self.every_s = description, total, every_s
+    def __init__(self, description: str, total: int, every_s: float, stream: TextIO | None = None) -> None:
+        self.description, self.total, self.every_s, self.stream = description, total, every_s, stream
         self.done = 0
         self.start = self.last = time.perf_counter()
         self.fields: dict[str, Any] = {}
@@ -54,7 +54,7 @@ class _Line:
     def _print(self, now: float) -> None:
         print(
             f"{self.description}: {self.done}/{self.total} ({now - self.start:.0f} s)  {_fmt(self.fields)}",
-            file=sys.stderr,
+            file=self.stream or sys.stderr,
             flush=True,
         )
 
@@ -65,11 +65,11 @@ class _Line:
 class LineProgress:
     """Plain lines every `every_s` seconds and at the end: readable in log files."""
 
-    def __init__(self, every_s: float = 30.0) -> None:
-        self.every_s = every_s
+    def __init__(self, every_s: float = 30.0, stream: TextIO | None = None) -> None:
+        self.every_s, self.stream = every_s, stream  # None: whatever sys.stderr is when a line is printed
 
     def task(self, description: str, total: int) -> Task:
-        return _Line(description, total, self.every_s)
+        return _Line(description, total, self.every_s, self.stream)
 
 
 class _RichTask:
@@ -101,5 +101,16 @@ class RichProgress:
         return _RichTask(progress, progress.add_task(description, total=total, info=""))
 
 
+def in_notebook() -> bool:
+    """A Jupyter kernel (its shell is ZMQInteractiveShell): output goes to a cell, not a terminal."""
+    ipython = sys.modules.get("IPython")
+    shell = ipython.get_ipython() if ipython is not None else None
+    return type(shell).__name__ == "ZMQInteractiveShell"
+
+
 def auto_progress() -> Progress:
+    """A live bar on a terminal; in a notebook, a line per epoch (and every 10 s) on stdout, which the cell
+    keeps readable, where a live bar's redraws would pile up in a saved notebook; else a line every 30 s."""
+    if in_notebook():
+        return LineProgress(every_s=10.0, stream=sys.stdout)
     return RichProgress() if sys.stderr.isatty() else LineProgress()

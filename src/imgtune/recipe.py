@@ -15,7 +15,7 @@ import math
 import platform
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,7 +25,7 @@ import yaml
 
 from imgtune.calibration import calibrate_checkpoint
 from imgtune.checkpoint import Checkpoint, CheckpointError, load_checkpoint
-from imgtune.config import Config, ConfigError
+from imgtune.config import Config
 from imgtune.distributed import Dist, setup
 from imgtune.engine import Trainer
 from imgtune.files import atomic_write_text
@@ -39,6 +39,7 @@ from imgtune.runtime import StopRequest, inference_dtype, pick_device, training_
 from imgtune.stage import Stage
 from imgtune.stages import finetune_stage, head_stage
 from imgtune.step import StepSettings
+from imgtune.trackers import CurvesSink, MlflowSink, Sink, TensorBoardSink
 from imgtune.tracking import Tracker
 from imgtune.workbench import Workbench, prepare, with_batch_size
 
@@ -49,11 +50,27 @@ StageBuilder = Callable[[Workbench], contextlib.AbstractContextManager[Stage]]
 
 @dataclass
 class TrainResult:
+    """What a run produced: its folder, best epoch, test metrics, summary.json's values and the metrics rows
+    (`history`, one dict per epoch as in metrics.csv)."""
+
     run_dir: Path
     best_epoch: int
     best_valid_acc: float
     test: EvalResult | None
     summary: dict[str, Any] = field(default_factory=dict)
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def report(self) -> Path | None:
+        """RUN/report.html, when the run wrote one."""
+        page = self.run_dir / "report.html"
+        return page if page.is_file() else None
+
+    def plot(self) -> Any:
+        """Loss and accuracy per epoch as a matplotlib Figure (shown inline when a notebook cell returns it)."""
+        from imgtune.report import curves_figure
+
+        return curves_figure(self.history)
 
 
 def train(config: Config, progress: Progress | None = None, stop: StopRequest | None = None) -> TrainResult:
@@ -92,7 +109,7 @@ def find_lr(config: Config, stage: int = 1, steps: int = 200, out: Path = Path("
 
 
 def make_trainer(
-    wb: Workbench, run: RunFolder, progress: Progress | None = None, tensorboard: Any = None,
+    wb: Workbench, run: RunFolder, progress: Progress | None = None, sinks: Sequence[Sink] = (),
     stop: StopRequest | None = None, deadline: float | None = None,
 ) -> Trainer:  # fmt: skip
     """The Trainer for a Workbench: its step settings and monitor from the config; files from rank 0 only."""
@@ -105,7 +122,7 @@ def make_trainer(
     )  # fmt: skip
     return Trainer(
         wb.model, run, wb.template(), device=wb.device, num_classes=wb.num_classes, step=step,
-        tracker=Tracker(tcfg.monitor, run if main else None, tensorboard if main else None),
+        tracker=Tracker(tcfg.monitor, run if main else None, sinks if main else ()),
         progress=progress if main else SilentProgress(), dist=wb.dist, stop=stop, deadline=deadline,
     )  # fmt: skip
 
@@ -148,11 +165,11 @@ def _locked_run(
         run = resume_from
     log.info("run folder: %s", run.path)
     tcfg = wb.cfg.train
-    with _tensorboard(wb, run) as tensorboard:
+    with _trackers(wb, run, resume_from is not None) as sinks:
         deadline = None
         if tcfg.max_minutes is not None:
             deadline = time.monotonic() + tcfg.max_minutes * 60 - (time.perf_counter() - started)
-        trainer = make_trainer(wb, run, progress, tensorboard, stop, deadline)
+        trainer = make_trainer(wb, run, progress, sinks, stop, deadline)
         resume_stage = last.stage if last is not None else 0
         retries = 0
         if tcfg.epochs_frozen > 0 and wb.pretrained_start and resume_stage <= 1:
@@ -164,9 +181,10 @@ def _locked_run(
                 lambda w: contextlib.nullcontext(finetune_stage(w)), wb, trainer, last, resume_stage == 2
             )
             retries += more
-    final = wb
-    test, summary = d.on_main(lambda: _finish(final, run, trainer, started, retries))
-    return TrainResult(run.path, trainer.tracker.best_epoch, trainer.tracker.best_acc, test, summary)
+        final = wb
+        test, summary = d.on_main(lambda: _finish(final, run, trainer, started, retries))
+    tracker = trainer.tracker
+    return TrainResult(run.path, tracker.best_epoch, tracker.best_acc, test, summary, list(tracker.rows))
 
 
 def _last_checkpoint(folder: RunFolder, d: Dist) -> Checkpoint | None:
@@ -220,7 +238,7 @@ def _run_stage(
                 atomic_write_text(trainer.run.config, wb.cfg.to_yaml())  # what the run really trains with
             log.warning("out of memory with batch size %d: restarting the stage with batch size %d", old, old // 2)
             wb.model.load_state_dict(weights)
-            trainer = make_trainer(wb, trainer.run, trainer.progress, trainer.tracker.tensorboard, trainer.stop,
+            trainer = make_trainer(wb, trainer.run, trainer.progress, trainer.tracker.sinks, trainer.stop,
                                    trainer.deadline)  # fmt: skip
             trainer.load_state_dict(snapshot[0])
             trainer.stepper.load_state_dict(snapshot[1])
@@ -228,20 +246,25 @@ def _run_stage(
 
 
 @contextlib.contextmanager
-def _tensorboard(wb: Workbench, run: RunFolder) -> Iterator[Any]:
-    """A SummaryWriter into RUN/tensorboard/ with --tensorboard (rank 0), closed when training ends."""
-    if not (wb.cfg.train.tensorboard and wb.dist.is_main):
-        yield None
-        return
+def _trackers(wb: Workbench, run: RunFolder, resuming: bool) -> Iterator[list[Sink]]:
+    """The run's trackers (rank 0): the curves plot with the report, TensorBoard and MLflow when asked for;
+    closed when training ends (MLflow's run marked failed if it ended in an error or an interruption)."""
+    tcfg = wb.cfg.train
+    sinks: list[Sink] = []
+    if wb.dist.is_main:
+        if tcfg.report:
+            sinks.append(CurvesSink(run.path))
+        if tcfg.tensorboard:
+            sinks.append(TensorBoardSink(run.path, wb.cfg.to_plain()))
+        if tcfg.mlflow:
+            sinks.append(MlflowSink(run.path, wb.cfg.to_plain(), resume=resuming))
+    failed = True
     try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError as e:
-        raise ConfigError("--tensorboard needs the tensorboard package: pip install tensorboard") from e
-    writer = SummaryWriter(str(run.path / "tensorboard"))
-    try:
-        yield writer
+        yield sinks
+        failed = False
     finally:
-        writer.close()
+        for sink in sinks:
+            sink.close(failed)
 
 
 def _log_distributed(wb: Workbench) -> None:
@@ -309,6 +332,7 @@ def _finish(
             log.warning("no report: there is neither a labelled test split nor a validation split to evaluate")
         else:
             log.info("report: %s", write_report(run.path, shown, wb.train_plain, wb.augment))
+    trainer.tracker.finish(summary)
     return test, summary
 
 

@@ -18,12 +18,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import numpy as np
 import torch
+from matplotlib.figure import Figure
 
 from imgtune.files import atomic_write_bytes, atomic_write_text
 from imgtune.layouts import readable
@@ -35,13 +32,31 @@ log = logging.getLogger(__name__)
 GRID = 16  # images per gallery
 
 
-def save_figure(fig: Any, path: Path) -> Path:
+class InlineFigure(Figure):
+    """A Figure that a notebook shows inline whatever its matplotlib backend (IPython asks for `_repr_png_`)."""
+
+    def _repr_png_(self) -> bytes:
+        return png(self)
+
+
+def subplots(nrows: int = 1, ncols: int = 1, **kwargs: Any) -> tuple[InlineFigure, Any]:
+    """A figure and its axes made without pyplot: no backend is chosen or switched (a notebook keeps its
+    inline one; a server needs no display), and no figure is left open in pyplot's registry."""
+    squeeze = kwargs.pop("squeeze", True)
+    fig = InlineFigure(**kwargs)
+    return fig, fig.subplots(nrows, ncols, squeeze=squeeze)
+
+
+def png(fig: Figure, dpi: int = 100) -> bytes:
     import io
 
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
+    return buf.getvalue()
+
+
+def save_figure(fig: Figure, path: Path) -> Path:
+    atomic_write_bytes(path, png(fig))
     return path
 
 
@@ -55,13 +70,20 @@ def read_rows(path: Path) -> list[dict[str, str]]:
 def plot_curves(run: Path, out: Path) -> Path | None:
     """Loss and accuracy per epoch, train and valid, with the stage boundary marked."""
     rows = read_rows(run / "metrics.csv")
-    if not rows:
-        return None
+    return save_figure(curves_figure(rows), out) if rows else None
+
+
+def _value(cell: Any) -> float:
+    return math.nan if cell in ("", None) else float(cell)
+
+
+def curves_figure(rows: Sequence[dict[str, Any]]) -> InlineFigure:
+    """The curves of metrics rows (metrics.csv's, or TrainResult.history): loss and accuracy per epoch."""
     epochs = [int(r["epoch"]) for r in rows]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = subplots(1, 2, figsize=(11, 4))
     for ax, what in zip(axes, ("loss", "acc"), strict=True):
         for split, style in (("train", "-"), ("valid", "-o")):
-            ax.plot(epochs, [float(r[f"{split}_{what}"]) for r in rows], style, label=split, markersize=3)
+            ax.plot(epochs, [_value(r[f"{split}_{what}"]) for r in rows], style, label=split, markersize=3)
         stages = [int(r["stage"]) for r in rows]
         for i in range(1, len(stages)):
             if stages[i] != stages[i - 1]:
@@ -71,14 +93,14 @@ def plot_curves(run: Path, out: Path) -> Path | None:
         ax.set_ylabel("accuracy" if what == "acc" else "loss")
         ax.grid(alpha=0.3)
         ax.legend()
-    return save_figure(fig, out)
+    return fig
 
 
 def plot_lr(run: Path, out: Path) -> Path | None:
     rows = read_rows(run / "lr.csv")
     if not rows:
         return None
-    fig, ax = plt.subplots(figsize=(7, 3))
+    fig, ax = subplots(figsize=(7, 3))
     for stage in sorted({r["stage"] for r in rows}):
         part = [r for r in rows if r["stage"] == stage]
         ax.plot([int(r["step"]) for r in part], [float(r["lr"]) for r in part], label=f"stage {stage}")
@@ -93,7 +115,7 @@ def plot_lr(run: Path, out: Path) -> Path | None:
 def plot_confusion(result: EvalResult, out: Path) -> Path:
     k = len(result.classes)
     size = min(14.0, 3 + 0.45 * k)
-    fig, ax = plt.subplots(figsize=(size, size))
+    fig, ax = subplots(figsize=(size, size))
     norm = torch.tensor(result.confusion_normalized)
     ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
     if k <= 25:
@@ -113,7 +135,7 @@ def plot_confusion(result: EvalResult, out: Path) -> Path:
 
 
 def plot_reliability(result: EvalResult, out: Path) -> Path:
-    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    fig, ax = subplots(figsize=(4.5, 4.5))
     bins = [b for b in result.reliability if b["count"]]
     centres = [(b["lower"] + b["upper"]) / 2 for b in bins]
     ax.bar(centres, [b["accuracy"] for b in bins], width=1 / len(result.reliability), edgecolor="k", alpha=0.7,
@@ -152,7 +174,7 @@ def _gallery(images: Sequence[torch.Tensor], captions: Sequence[str], colours: S
     cols = min(8, max(1, n))
     rows = max(1, math.ceil(n / cols))
     lines = max((c.count("\n") + 1 for c in captions), default=2)
-    fig, axes = plt.subplots(rows, cols, figsize=(1.9 * cols, (1.9 + 0.15 * lines) * rows), squeeze=False)
+    fig, axes = subplots(rows, cols, figsize=(1.9 * cols, (1.9 + 0.15 * lines) * rows), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, img, cap, colour in zip(axes.flat, images, captions, colours, strict=False):

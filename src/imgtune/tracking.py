@@ -16,7 +16,7 @@ import csv
 import io
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -25,6 +25,7 @@ from imgtune.runs import RunFolder
 
 if TYPE_CHECKING:
     from imgtune.metrics import EvalResult
+    from imgtune.trackers import Sink
 
 log = logging.getLogger(__name__)
 
@@ -110,13 +111,14 @@ class Verdict:
 
 
 class Tracker:
-    """The metrics rows, the per-step LR log and the best/patience bookkeeping of one run; writes metrics.csv,
-    lr.csv and TensorBoard when it has a run folder (rank 0 under torchrun; the others keep the same state)."""
+    """The metrics rows, the per-step LR log and the best/patience bookkeeping of one run; writes metrics.csv
+    and lr.csv when it has a run folder and feeds the trackers (trackers.Sink: TensorBoard, MLflow, the curves
+    plot) it is given (rank 0 under torchrun; the others keep the same state and have none)."""
 
-    def __init__(self, monitor: str, run: RunFolder | None = None, tensorboard: Any = None) -> None:
+    def __init__(self, monitor: str, run: RunFolder | None = None, sinks: Sequence[Sink] = ()) -> None:
         self.monitor = MONITORS[check_monitor(monitor)]
         self.run = run
-        self.tensorboard = tensorboard
+        self.sinks = list(sinks)
         self.rows: list[dict[str, Any]] = []
         self.lr_log: list[list[float]] = []  # [global optimizer step, stage, head LR]
         self.best_score: float | None = None
@@ -138,8 +140,20 @@ class Tracker:
     def start_stage(self) -> None:
         self.stage_best, self.bad_epochs = None, 0
 
-    def log_step(self, stage: int, lr: float) -> None:
+    def log_step(self, stage: int, lr: float, loss: float) -> None:
         self.lr_log.append([len(self.lr_log) + 1, stage, lr])
+        for sink in self.sinks:
+            sink.step(len(self.lr_log), stage, loss, lr)
+
+    def checkpointed(self) -> None:
+        """A checkpoint was just written: views of the whole history (the curves plot) catch up."""
+        for sink in self.sinks:
+            sink.checkpointed()
+
+    def finish(self, summary: Mapping[str, Any]) -> None:
+        """The run's final figures (summary.json's) and files (report, best.pt) go to the trackers."""
+        for sink in self.sinks:
+            sink.finish(summary)
 
     def end_epoch(self, row: dict[str, Any]) -> Verdict:
         """Record an epoch's row, update best and patience, write the files. An epoch with no value for the
@@ -158,7 +172,8 @@ class Tracker:
         else:
             self.bad_epochs += 1
         self.write()
-        self._log_tensorboard(row)
+        for sink in self.sinks:
+            sink.epoch(row)
         return Verdict(improved, stage_improved)
 
     def patience_used_up(self, patience: int | None) -> bool:
@@ -200,14 +215,6 @@ class Tracker:
         atomic_write_text(self.run.metrics, buf.getvalue())
         lines = ["step,stage,lr"] + [f"{int(n)},{int(st)},{lr:.8g}" for n, st, lr in self.lr_log]
         atomic_write_text(self.run.lr_log, "\n".join(lines) + "\n")
-
-    def _log_tensorboard(self, row: dict[str, Any]) -> None:
-        if self.tensorboard is None:
-            return
-        for key, value in row.items():
-            if key not in ("epoch", "stage") and isinstance(value, int | float):
-                self.tensorboard.add_scalar(key, value, row["epoch"])
-        self.tensorboard.flush()
 
     def state_dict(self) -> dict[str, Any]:
         """Plain values for last.pt. The lists are copied, not their items: rows and log entries are never

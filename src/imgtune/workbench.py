@@ -157,7 +157,7 @@ def train_view(cfg: Config) -> float | None:
 
 def body(cfg: Config) -> Body:
     m = cfg.model
-    return Body(tuple(m.widths) if m.widths else None, m.pool, cfg.data.img_size, m.keep_fc, m.fc_dropout)
+    return Body(tuple(m.widths) if m.widths else None, m.pool, cfg.data.img_size, m.keep_fc, m.fc_dropout, m.drop_path)
 
 
 def _decode(cfg: Config, split: Split, prep: Preprocessing, d: Dist) -> tuple[Any, ...]:
