@@ -46,7 +46,7 @@ def main() -> int:
         except importlib.metadata.PackageNotFoundError:
             installed = "not installed"
         print(f"{name:36} floor {version:10} installed {installed}")
-        if installed == "not installed" or Version(installed).release != Version(version).release:
+        if installed == "not installed" or Version(installed.split("+")[0]) != Version(version):
             wrong.append(name)
     if wrong:
         print(f"not at their floor: {', '.join(wrong)}", file=sys.stderr)

@@ -562,8 +562,12 @@ def explain(
 @app.command()
 def export(
     run: Annotated[Path, typer.Argument(help="Run folder or checkpoint file.")],
-    format: Annotated[str, typer.Option("--format", help="Export format (onnx).")] = "onnx",
-    out: Annotated[Path | None, typer.Option(help="Output file [RUN/model.onnx, RUN/model.int8.onnx].")] = None,
+    format: Annotated[
+        str, typer.Option("--format", help="onnx, or timm: model.safetensors + config.json that timm loads.")
+    ] = "onnx",
+    out: Annotated[
+        Path | None, typer.Option(help="Output [RUN/model.onnx, RUN/model.int8.onnx; --format timm: folder RUN/timm].")
+    ] = None,
     opset: Annotated[int, typer.Option(help="ONNX opset version.")] = 18,
     images: Annotated[
         list[Path] | None, typer.Option("--images", help="Images for the parity check [the run's data].")
@@ -582,8 +586,16 @@ def export(
 ) -> None:
     """Export to ONNX (uint8 RGB NCHW in, probabilities out, preprocessing inside), checked against PyTorch;
     with --int8, an int8 model checked against the fp32 one on the validation split."""
-    if format != "onnx":
-        _fail(f"--format {format!r}: only onnx is supported")
+    if format not in ("onnx", "timm"):
+        _fail(f"--format {format!r}: choose onnx or timm")
+    if format == "timm":
+        from imgtune.timm_export import export_timm
+
+        t = export_timm(run, out, images)
+        typer.echo(f"{t.folder}: model.safetensors + config.json ({t.architecture}); parity with imgtune on "
+                   f"{t.images_checked} real images: max |Δp| {t.max_abs_diff:.1e}. "
+                   f'Load it with timm.create_model("local-dir:{t.folder}", pretrained=True)')  # fmt: skip
+        return
     if int8:
         from imgtune.quantize import export_int8
 

@@ -60,7 +60,7 @@ class ExportResult:
     opset: int
 
 
-def _check_images(ckpt: Checkpoint, images: list[Path] | None, limit: int = 16) -> torch.Tensor:
+def check_images(ckpt: Checkpoint, images: list[Path] | None, limit: int = 16) -> torch.Tensor:
     """Real images for the parity check: those given, else the run's own validation/training images."""
     candidates: list[Path] = list(images or [])
     if not candidates:
@@ -220,7 +220,7 @@ def onnx_model(
     prep = ckpt.preprocessing
     model = model_from_checkpoint(ckpt).eval()
     wrapped = _Probabilities(model, ckpt.temperature).eval()
-    sample = _check_images(ckpt, images)
+    sample = check_images(ckpt, images)
     static_same_padding(model, sample)
     buf = io.BytesIO()
     with warnings.catch_warnings():
