@@ -16,9 +16,9 @@ from hypothesis import strategies as st
 from imgtune.cli import _parse_sets, main
 from imgtune.config import Config, build_config
 from imgtune.errors import UserError
-from imgtune.options import _keys
+from imgtune.options import all_keys
 
-KEYS = _keys(Config)
+KEYS = all_keys(Config)
 SCALARS = st.one_of(
     st.none(), st.booleans(), st.integers(-(10**12), 10**12), st.floats(allow_nan=True), st.text(max_size=12),
     st.sampled_from(["auto", "crop", "resnet18", "cosine", "standard", "null", "", "-1", "1e-3", "[1, 2]"]),

@@ -1,9 +1,9 @@
 """imgtune: from a folder of images to a trained, evaluated classifier.
 
 import imgtune
-cfg = imgtune.Config(data={"path": "data/fashion-mnist", "img_size": 112})
-result = imgtune.train(cfg)
+result = imgtune.train("data/fashion-mnist", img_size=112, epochs=2)   # or imgtune.train(imgtune.Config(...))
 print(imgtune.evaluate(result.run_dir, "data/fashion-mnist").accuracy)
+print(imgtune.load(result.run_dir)("photo.jpg"))   # [{"label": ..., "score": ...}, ...]
 
 The names below are imported when first used (PEP 562), so `import imgtune.files` or `python -m imgtune
 --help` do not pay for torch, timm and torchvision before they need them.

@@ -143,7 +143,11 @@ def popcount(x: np.ndarray) -> np.ndarray:
     which imgtune still supports)."""
     if hasattr(np, "bitwise_count"):
         return np.bitwise_count(x)
-    return _BYTE_BITS[x[..., None].view(np.uint8)].sum(-1, dtype=np.uint8)
+    return popcount_table(x)
+
+
+def popcount_table(x: np.ndarray) -> np.ndarray:
+    return _BYTE_BITS[np.ascontiguousarray(x)[..., None].view(np.uint8)].sum(-1, dtype=np.uint8)
 
 
 def near_pairs(

@@ -73,6 +73,6 @@ def _unknown(word: str, leaves: Mapping[str, str], flags: Mapping[str, Flag]) ->
     if shared:
         spelled = ", ".join(k.replace(".", "__") + "=" for k in shared)
         return f"keyword {word!r} is ambiguous: it could be {', '.join(shared)}; write {spelled}"
-    close = difflib.get_close_matches(word, [*leaves, *flags, *SECTIONS], n=4, cutoff=0.6)
+    close = difflib.get_close_matches(word, list(dict.fromkeys([*leaves, *flags, *SECTIONS])), n=4, cutoff=0.6)
     hint = f"; did you mean {', '.join(close)}?" if close else "; docs/options.md lists every key"
     return f"unknown keyword {word!r}{hint}"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata
+import sys
 from types import ModuleType
 
 from imgtune.errors import UserError
@@ -36,7 +37,11 @@ class MissingExtra(UserError, ImportError):
 
 
 def version(distribution: str) -> str | None:
-    """The installed version of a distribution, or None."""
+    """The installed version of a distribution, or None; a module already imported says its own (torch's has
+    the build: 2.5.0+cu124, 2.5.0+cpu)."""
+    module = sys.modules.get(distribution.replace("-", "_"))
+    if isinstance(getattr(module, "__version__", None), str):
+        return str(module.__version__)  # type: ignore[union-attr]
     try:
         return importlib.metadata.version(distribution)
     except importlib.metadata.PackageNotFoundError:
