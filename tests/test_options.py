@@ -32,7 +32,7 @@ def _help_of(command: str) -> dict[str, str]:
     entries: dict[str, str] = {}
     current = None
     for line in res.output.splitlines():
-        m = re.match(r"^  (--[a-z-]+)(?: / --[a-z-]+)?(?: \S+)?(?:\s{2,}(.*))?$", line)
+        m = re.match(r"^  (--[a-z-]+)(?:, --[a-z-]+)*(?: / --[a-z-]+)?(?: \S+)?(?:\s{2,}(.*))?$", line)
         if m:
             current = m.group(1)
             entries[current] = m.group(2) or ""
@@ -65,6 +65,9 @@ def test_help_prints_the_real_defaults(command: str, flags: list[Any], recipes: 
     scratch = Config.model_validate({**RECIPES["scratch"], "data": {**RECIPES["scratch"]["data"], "path": "d"}})
     for flag in flags:
         text = helps[flag.option]
+        if flag.const is not None:  # a flag without a value (timm's --model-ema): says what it sets
+            assert f"{flag.key} = {flag.const:g}" in text, (flag.option, text)
+            continue
         assert text.lower().startswith(field(flag.key).description[:30].lower()), (flag.option, text)
         m = re.search(r"\[([^\]]*)\]\.$", text)
         assert m, (flag.option, text)
@@ -88,6 +91,8 @@ def _sample(flag: Any, tmp_path: Path) -> tuple[list[str], Any]:
     """Command-line words that set the flag's key to something other than its default, and that value."""
     info = field(flag.key)
     default = info.get_default(call_default_factory=True)
+    if flag.const is not None:
+        return [flag.option], flag.const
     kinds = set(getattr(info.annotation, "__args__", ())) | {info.annotation}
     if info.annotation is bool:
         on, off = flag.switch.split("/")
@@ -119,7 +124,17 @@ def test_every_flag_sets_its_key(tmp_path: Path) -> None:
     cfg = Config.model_validate(yaml.safe_load(res.stdout))
     for key, value in expected.items():
         assert _value(cfg, key) == value, key
-    assert len(expected) == len(TRAIN_FLAGS) == len({f.option for f in TRAIN_FLAGS})  # no flag twice
+    names = [n for f in TRAIN_FLAGS for n in (f.option, *f.aliases)]
+    assert len(names) == len(set(names)) and len({f.param for f in TRAIN_FLAGS}) == len(TRAIN_FLAGS)  # no flag twice
+    assert len(expected) == len({f.key for f in TRAIN_FLAGS})  # --ema and --model-ema share train.ema: the last wins
+
+
+def test_aliases_set_the_same_key_as_the_flag(tmp_path: Path) -> None:
+    for flag in (f for f in TRAIN_FLAGS if f.aliases):
+        words, value = _sample(flag, tmp_path)
+        res = runner.invoke(app, ["train", str(tmp_path), flag.aliases[0], *words[1:], "--print-config"])
+        assert res.exit_code == 0, (flag.aliases, res.output)
+        assert _value(Config.model_validate(yaml.safe_load(res.stdout)), flag.key) == value, flag.aliases
 
 
 def test_auto_values_and_bad_lists() -> None:

@@ -39,8 +39,8 @@ from imgtune.runtime import StopRequest, inference_dtype, pick_device, training_
 from imgtune.stage import Stage
 from imgtune.stages import finetune_stage, head_stage
 from imgtune.step import StepSettings
-from imgtune.trackers import CurvesSink, MlflowSink, Sink, TensorBoardSink
-from imgtune.tracking import Tracker
+from imgtune.trackers import CurvesSink, MlflowSink, TensorBoardSink
+from imgtune.tracking import Sink, Tracker
 from imgtune.workbench import Workbench, prepare, with_batch_size
 
 log = logging.getLogger(__name__)

@@ -3,8 +3,8 @@ per-epoch metrics, the sample grid and the confusion matrix as images, hyperpara
 metrics), MLflow (parameters, per-epoch metrics, the report and best.pt as artifacts) and the curves plot
 redrawn whenever a checkpoint is written, so an interrupted run has its plot.
 
-Each is a `Sink` the Tracker (tracking.py) feeds; recipe.py picks them from the config (rank 0 only). A new
-tracker (Weights & Biases, ...) is one more class with these four methods.
+Each is a `tracking.Sink` the Tracker feeds; recipe.py picks them from the config (rank 0 only). A new
+tracker (Weights & Biases, ...) is one more class with those methods.
 """
 
 from __future__ import annotations
@@ -14,20 +14,12 @@ import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from imgtune.packages import need, versions
 
 log = logging.getLogger(__name__)
 MLFLOW_FILE = "mlflow.json"  # RUN/mlflow.json: where the run's MLflow record is, so a resume continues it
-
-
-class Sink(Protocol):
-    def step(self, step: int, stage: int, loss: float, lr: float) -> None: ...
-    def epoch(self, row: Mapping[str, Any]) -> None: ...
-    def checkpointed(self) -> None: ...
-    def finish(self, summary: Mapping[str, Any]) -> None: ...
-    def close(self, failed: bool) -> None: ...
 
 
 class _Quiet:

@@ -18,14 +18,13 @@ import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from imgtune.files import atomic_write_text
 from imgtune.runs import RunFolder
 
 if TYPE_CHECKING:
     from imgtune.metrics import EvalResult
-    from imgtune.trackers import Sink
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +101,16 @@ def validation_columns(result: EvalResult | None) -> dict[str, float | str]:
     if result is None:
         return {m.column: "" for m in MONITORS.values() if m.read is not None}
     return {m.column: float(m.read(result)) for m in MONITORS.values() if m.read is not None}
+
+
+class Sink(Protocol):
+    """Where a run's numbers go besides metrics.csv (trackers.py: TensorBoard, MLflow, the curves plot)."""
+
+    def step(self, step: int, stage: int, loss: float, lr: float) -> None: ...
+    def epoch(self, row: Mapping[str, Any]) -> None: ...
+    def checkpointed(self) -> None: ...
+    def finish(self, summary: Mapping[str, Any]) -> None: ...
+    def close(self, failed: bool) -> None: ...
 
 
 @dataclass(frozen=True)
