@@ -199,8 +199,15 @@ def test_mlflow_run_holds_params_metrics_and_artifacts(tracked: imgtune.TrainRes
     assert [a.path for a in client.list_artifacts(record["run_id"], "checkpoints")] == ["checkpoints/best.pt"]
 
 
-def test_curves_exist_when_a_run_is_interrupted(tmp_path: Path) -> None:
-    """The curves plot follows the checkpoints, so a run stopped in fine-tuning has its plot (and no report)."""
+def test_an_interrupted_run_has_its_curves_and_resumes_its_mlflow_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The curves plot follows the checkpoints, so a run stopped in fine-tuning has its plot (and no report);
+    its MLflow run is KILLED, and --resume finishes that same run (the store from MLFLOW_TRACKING_URI)."""
+    from mlflow.tracking import MlflowClient
+
+    store = (tmp_path / "store").as_uri()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
     from imgtune.errors import Interrupted
     from imgtune.progress import SilentProgress, SilentTask
     from imgtune.runtime import StopRequest
@@ -218,9 +225,16 @@ def test_curves_exist_when_a_run_is_interrupted(tmp_path: Path) -> None:
     write_class_folders(data / "valid", 2, seed=2)
     with pytest.raises(Interrupted):
         imgtune.train(data, out=tmp_path / "run", img_size=32, batch_size=8, epochs_frozen=1, epochs=3,
-                      augment="light", patience=None, progress=StopInSecondEpoch(), stop=stop)  # fmt: skip
+                      augment="light", patience=None, mlflow=True, progress=StopInSecondEpoch(), stop=stop)  # fmt: skip
     assert (tmp_path / "run" / "plots" / "curves.png").is_file()
     assert not (tmp_path / "run" / "report.html").exists()
+    record = json.loads((tmp_path / "run" / "mlflow.json").read_text())
+    client = MlflowClient(tracking_uri=store)
+    assert record["tracking_uri"] == store and client.get_run(record["run_id"]).info.status == "KILLED"
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")  # the resume finds the store in RUN/mlflow.json
+    imgtune.resume(tmp_path / "run")
+    assert client.get_run(record["run_id"]).info.status == "FINISHED"
+    assert len(client.get_metric_history(record["run_id"], "valid_acc")) == 4  # 1 + 3 epochs, one run
 
 
 def test_timm_flag_names_set_the_same_keys(tmp_path: Path) -> None:

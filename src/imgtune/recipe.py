@@ -28,6 +28,7 @@ from imgtune.checkpoint import Checkpoint, CheckpointError, load_checkpoint
 from imgtune.config import Config
 from imgtune.distributed import Dist, setup
 from imgtune.engine import Trainer
+from imgtune.errors import Interrupted
 from imgtune.files import atomic_write_text
 from imgtune.lrfind import LRFindResult, plot, range_test, tune_lr
 from imgtune.metrics import EvalResult
@@ -248,7 +249,7 @@ def _run_stage(
 @contextlib.contextmanager
 def _trackers(wb: Workbench, run: RunFolder, resuming: bool) -> Iterator[list[Sink]]:
     """The run's trackers (rank 0): the curves plot with the report, TensorBoard and MLflow when asked for;
-    closed when training ends (MLflow's run marked failed if it ended in an error or an interruption)."""
+    closed when training ends (MLflow's run marked FAILED after an error, KILLED when stopped)."""
     tcfg = wb.cfg.train
     sinks: list[Sink] = []
     if wb.dist.is_main:
@@ -258,13 +259,16 @@ def _trackers(wb: Workbench, run: RunFolder, resuming: bool) -> Iterator[list[Si
             sinks.append(TensorBoardSink(run.path, wb.cfg.to_plain()))
         if tcfg.mlflow:
             sinks.append(MlflowSink(run.path, wb.cfg.to_plain(), resume=resuming))
-    failed = True
+    status = "FAILED"
     try:
         yield sinks
-        failed = False
+        status = "FINISHED"
+    except Interrupted:
+        status = "KILLED"
+        raise
     finally:
         for sink in sinks:
-            sink.close(failed)
+            sink.close(status)
 
 
 def _log_distributed(wb: Workbench) -> None:

@@ -37,7 +37,7 @@ class _Quiet:
     def finish(self, summary: Mapping[str, Any]) -> None:
         pass
 
-    def close(self, failed: bool) -> None:
+    def close(self, status: str) -> None:
         pass
 
 
@@ -109,7 +109,7 @@ class TensorBoardSink(_Quiet):
         self.writer.add_hparams(params, metrics, run_name=".")
         self.writer.flush()
 
-    def close(self, failed: bool) -> None:
+    def close(self, status: str) -> None:
         self.writer.close()
 
 
@@ -158,8 +158,8 @@ class MlflowSink(_Quiet):
         if best.is_file():
             self.mlflow.log_artifact(str(best), artifact_path="checkpoints")
 
-    def close(self, failed: bool) -> None:
-        self.mlflow.end_run(status="FAILED" if failed else "FINISHED")
+    def close(self, status: str) -> None:
+        self.mlflow.end_run(status=status)
 
 
 def local_store(folder: Path) -> str:
