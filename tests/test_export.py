@@ -40,6 +40,9 @@ def test_export_cli_writes_a_checked_model_with_metadata(run: Path) -> None:
     meta = read_metadata(run / "model.onnx")
     assert json.loads(meta["classes"]) == ["blue", "green", "red"]
     assert json.loads(meta["preprocessing"])["img_size"] == 48 and "uint8 RGB, NCHW" in meta["input"]
+    made_with, trained_with = json.loads(meta["versions"]), json.loads(meta["trained_with"])
+    assert made_with["onnxruntime"] == ort.__version__ and made_with["imgtune"] == imgtune.__version__
+    assert trained_with["torch"] == torch.__version__ and "timm" in trained_with
     session = ort.InferenceSession(str(run / "model.onnx"))
     (inp,) = session.get_inputs()
     assert inp.name == "image" and inp.type == "tensor(uint8)" and inp.shape[1:] == [3, 48, 48]
