@@ -154,12 +154,12 @@ def test_timm_export_loads_in_plain_timm_and_predicts_the_same(tracked: imgtune.
 
 def test_timm_export_refuses_what_timm_cannot_rebuild(tracked: imgtune.TrainResult) -> None:
     from imgtune.checkpoint import load_checkpoint
-    from imgtune.timm_export import _refusal
+    from imgtune.timm_export import why_not_timm
 
     ckpt = load_checkpoint(tracked.run_dir / "checkpoints" / "best.pt")
-    assert _refusal(ckpt) is None
-    assert "MLP" in str(_refusal(dataclasses.replace(ckpt, arch={**ckpt.arch, "head": [64]})))
-    assert "built-in" in str(_refusal(dataclasses.replace(ckpt, arch={**ckpt.arch, "name": "cnn5"})))
+    assert why_not_timm(ckpt) is None
+    assert "MLP" in str(why_not_timm(dataclasses.replace(ckpt, arch={**ckpt.arch, "head": [64]})))
+    assert "built-in" in str(why_not_timm(dataclasses.replace(ckpt, arch={**ckpt.arch, "name": "cnn5"})))
 
 
 def test_tensorboard_has_steps_images_and_hparams(tracked: imgtune.TrainResult) -> None:

@@ -252,15 +252,15 @@ def _trackers(wb: Workbench, run: RunFolder, resuming: bool) -> Iterator[list[Si
     closed when training ends (MLflow's run marked FAILED after an error, KILLED when stopped)."""
     tcfg = wb.cfg.train
     sinks: list[Sink] = []
-    if wb.dist.is_main:
-        if tcfg.report:
-            sinks.append(CurvesSink(run.path))
-        if tcfg.tensorboard:
-            sinks.append(TensorBoardSink(run.path, wb.cfg.to_plain()))
-        if tcfg.mlflow:
-            sinks.append(MlflowSink(run.path, wb.cfg.to_plain(), resume=resuming))
     status = "FAILED"
-    try:
+    try:  # a tracker that cannot start (MLflow's server unreachable) still closes the ones started before it
+        if wb.dist.is_main:
+            if tcfg.report:
+                sinks.append(CurvesSink(run.path))
+            if tcfg.tensorboard:
+                sinks.append(TensorBoardSink(run.path, wb.cfg.to_plain()))
+            if tcfg.mlflow:
+                sinks.append(MlflowSink(run.path, wb.cfg.to_plain(), resume=resuming))
         yield sinks
         status = "FINISHED"
     except Interrupted:

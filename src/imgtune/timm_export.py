@@ -43,7 +43,8 @@ class TimmExport:
     max_abs_diff: float
 
 
-def _refusal(ckpt: Checkpoint) -> str | None:
+def why_not_timm(ckpt: Checkpoint) -> str | None:
+    """Why timm cannot rebuild this checkpoint's model, or None when it can."""
     arch = ckpt.arch
     body = arch.get("body") or {}
     if arch["name"] in BUILTIN:
@@ -64,7 +65,7 @@ def timm_model(ckpt: Checkpoint, model: Classifier) -> nn.Module:
     classifier = net.get_classifier()  # type: ignore[operator]
     prefix = next(name for name, module in net.named_modules() if module is classifier)
     linear = list(model.head.children())[-1]
-    assert isinstance(linear, nn.Linear), linear  # a linear head: _refusal turned MLP heads away
+    assert isinstance(linear, nn.Linear), linear  # a linear head: why_not_timm turned MLP heads away
     state = {k.removeprefix("backbone."): v for k, v in model.state_dict().items() if k.startswith("backbone.")}
     state[f"{prefix}.weight"] = linear.weight.detach() / ckpt.temperature
     state[f"{prefix}.bias"] = linear.bias.detach() / ckpt.temperature
@@ -101,7 +102,7 @@ def export_timm(run: Path | str, out: Path | str | None = None, images: list[Pat
 
     ckpt_path = resolve_checkpoint(Path(run))
     ckpt = load_checkpoint(ckpt_path)
-    why = _refusal(ckpt)
+    why = why_not_timm(ckpt)
     if why is not None:
         raise ExportError(f"{ckpt_path} cannot be exported in timm's format: {why}. Export it as ONNX instead "
                           "(imgtune export RUN), which holds any imgtune model")  # fmt: skip

@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from imgtune.files import atomic_write_text
 from imgtune.packages import need, versions
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,8 @@ class _Quiet:
 
 
 def _numbers(row: Mapping[str, Any]) -> dict[str, float]:
+    """A metrics row's measured values (not its epoch/stage labels, not the blanks and NaNs of epochs that had
+    no validation)."""
     skip = ("epoch", "stage")
     return {k: float(v) for k, v in row.items() if k not in skip and isinstance(v, int | float) and v == v}
 
@@ -137,8 +140,6 @@ class MlflowSink(_Quiet):
             self.mlflow.log_params(params)
             self.mlflow.set_tags({f"version.{k}": v for k, v in versions().items()} | {"imgtune.run": str(run)})
         self.run_id = active.info.run_id
-        from imgtune.files import atomic_write_text
-
         atomic_write_text(record_file, json.dumps({"tracking_uri": uri, "run_id": self.run_id}) + "\n")
         log.info("MLflow: run %s in %s", self.run_id, uri)
 
