@@ -219,7 +219,6 @@ def _load_positional(model: nn.Module, source: dict[str, torch.Tensor], origin: 
 
 
 def _timm_model(name: str, pretrained: bool, drop_path: float = 0.0) -> nn.Module:
-
     kwargs: dict[str, Any] = {"drop_path_rate": drop_path} if drop_path > 0 else {}
     try:
         return _timm_create(name, pretrained, kwargs)
