@@ -30,8 +30,8 @@ demo: fashion-mnist
 	$(BIN)/imgtune train $(DATA) --img-size 112 --epochs-frozen 30 --epochs 2
 
 lint: venv
-	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks tools
+	$(BIN)/ruff format --check src tests benchmarks tools
 	$(BIN)/mypy
 
 # Real data and a real browser for the tests that use them (they are skipped where these cannot be had).

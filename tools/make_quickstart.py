@@ -41,8 +41,7 @@ CELLS = [
         "result.history[-1]  # the last metrics row"
     ),
     new_code_cell(
-        "from IPython.display import Image as Show\n\n"
-        'Show(filename=result.run_dir / "plots" / "confusion_matrix.png")'
+        'from IPython.display import Image as Show\n\nShow(filename=result.run_dir / "plots" / "confusion_matrix.png")'
     ),
     new_markdown_cell(
         "The predictor takes paths, PIL images, NumPy arrays and tensors, and answers like a Hugging Face "
@@ -72,7 +71,10 @@ def main() -> None:
     if "--run" in sys.argv[1:]:
         from nbclient import NotebookClient
 
-        NotebookClient(notebook, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}).execute()
+        client = NotebookClient(
+            notebook, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}
+        )
+        client.execute()
     nbformat.write(notebook, NOTEBOOK)
     print(NOTEBOOK)
 

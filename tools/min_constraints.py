@@ -4,6 +4,8 @@ fast tests, so a floor in pyproject.toml is a version that was tested, not a gue
 
     python tools/min_constraints.py            # print the constraints
     python tools/min_constraints.py --check    # exit 1 unless each installed version is its floor
+
+It reads pyproject.toml with tomllib, so it (and make test-min) needs Python 3.11 or newer.
 """
 
 from __future__ import annotations
@@ -11,8 +13,9 @@ from __future__ import annotations
 import importlib.metadata
 import re
 import sys
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 PYPROJECT = Path(__file__).resolve().parent.parent / "pyproject.toml"
 _FLOOR = re.compile(r"^\s*([A-Za-z0-9_.\-]+)\s*>=\s*([0-9][^,;\s]*)")
