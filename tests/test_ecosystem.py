@@ -85,7 +85,7 @@ def test_keyword_train_returns_history_curves_and_report(tracked: imgtune.TrainR
     assert fig._repr_png_().startswith(b"\x89PNG")  # how a notebook cell shows it
 
 
-def test_the_predictor_takes_paths_pil_images_arrays_and_tensors(tracked: imgtune.TrainResult) -> None:
+def test_the_predictor_takes_paths_pil_images_arrays_and_tensors(tracked: imgtune.TrainResult, tmp_path: Path) -> None:
     predictor = imgtune.load(tracked.run_dir, precision="fp32")
     files = sorted((tracked.run_dir.parent / "ds" / "valid").rglob("*.png"))[:3]
     by_path = predictor(files[0], top_k=3)
@@ -101,6 +101,12 @@ def test_the_predictor_takes_paths_pil_images_arrays_and_tensors(tracked: imgtun
     many = predictor(files, top_k=1)
     batch = predictor(np.stack([np.asarray(Image.open(f)) for f in files]), top_k=1)
     assert len(many) == 3 and [m[0]["label"] for m in many] == [b[0]["label"] for b in batch]
+    turned = tmp_path / "turned.jpg"  # EXIF orientation 6: a PIL image in memory is turned upright like the file
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.open(files[1]).convert("RGB").resize((48, 32)).save(turned, exif=exif)
+    from_file, from_pil = predictor(turned, top_k=3), predictor(Image.open(turned), top_k=3)
+    assert np.allclose([d["score"] for d in from_file], [d["score"] for d in from_pil], atol=1e-6)
     grey = predictor(np.asarray(pil.convert("L")), top_k=1)  # one channel: as a greyscale file would be
     assert grey[0]["label"] in {"blue", "green", "red"}
     with pytest.raises(ImageError, match=r"float pixels must be in \[0, 1\]"):

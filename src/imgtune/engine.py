@@ -128,10 +128,11 @@ class Trainer:
                     continue
                 pending = 0 if step_now else pending + 1
                 loss, logits, hard = out
+                step_loss = float(loss)  # one device sync a step, as before the trackers wanted it too
                 if step_now:
                     acc["lr_sum"], acc["steps"] = acc["lr_sum"] + lr, acc["steps"] + 1
-                    self.tracker.log_step(stage.number, lr, float(loss))
-                acc["loss"] += float(loss) * len(hard)
+                    self.tracker.log_step(stage.number, lr, step_loss)
+                acc["loss"] += step_loss * len(hard)
                 acc["correct"] += int((logits.argmax(1) == hard).sum())
                 acc["seen"] += len(hard)
                 seen, elapsed = acc["seen"], time.perf_counter() - start

@@ -116,9 +116,7 @@ def load_rgb(path: Source, draft_size: int | None = None) -> torch.Tensor:
                 if scale >= 2:
                     im.draft("RGB", (max(1, round(w / scale)), max(1, round(h / scale))))
             im.load()
-            im = ImageOps.exif_transpose(im) or im
-            rgb = _to_rgb(im)
-            arr = np.asarray(rgb, dtype=np.uint8)
+            arr = _upright_rgb(im)
     except ImageError:
         raise
     except Image.DecompressionBombError as e:
@@ -130,12 +128,22 @@ def load_rgb(path: Source, draft_size: int | None = None) -> torch.Tensor:
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
 
 
+def _upright_rgb(im: Image.Image) -> np.ndarray:
+    """H x W x 3 uint8 of a loaded image, EXIF orientation applied: files and PIL images passed in memory
+    become the same pixels."""
+    return np.asarray(_to_rgb(ImageOps.exif_transpose(im) or im), dtype=np.uint8)
+
+
 def in_memory_rgb(image: Any, name: str = "<image>") -> torch.Tensor:
     """A picture already in memory -> CHW uint8 RGB: a PIL image (any mode, as files are converted), a NumPy
     array H x W x C or H x W (the PIL/OpenCV layout; RGB order), or a tensor C x H x W or H x W (torchvision's
     layout); uint8, or floats in [0, 1]. One or four channels become RGB as a file's would."""
     if isinstance(image, Image.Image):
-        return torch.from_numpy(np.asarray(_to_rgb(image), dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
+        try:
+            arr = _upright_rgb(image)
+        except Exception as e:  # a lazily opened image whose file is cut short, ...
+            raise ImageError(getattr(image, "filename", "") or name, f"cannot decode: {e}") from None
+        return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
     if isinstance(image, np.ndarray):
         tensor = torch.from_numpy(np.array(image))  # a copy: arrays from PIL are read-only
         tensor = tensor.unsqueeze(0) if tensor.ndim == 2 else tensor.permute(2, 0, 1) if tensor.ndim == 3 else tensor

@@ -23,14 +23,13 @@ import torch
 from torch import nn
 
 from imgtune.checkpoint import Checkpoint, load_checkpoint, resolve_checkpoint
-from imgtune.export import ExportError, check_images
+from imgtune.export import PARITY_ATOL, ExportError, check_images  # the same bar as the ONNX export
 from imgtune.files import atomic_write_bytes, atomic_write_text
 from imgtune.models import Classifier, model_from_checkpoint
 from imgtune.packages import versions
 from imgtune.scratch import BUILTIN
 
 log = logging.getLogger(__name__)
-PARITY_ATOL = 1e-4  # max |p_imgtune - p_timm|
 # imgtune's resize policies as timm's crop modes ("border" letterboxes, on the mean colour rather than black)
 CROP_MODES = {"crop": "center", "squash": "squash", "pad": "border"}
 
