@@ -17,6 +17,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from imgtune.probe import fit_linear, stratified_folds
+
 WEIGHT_DECAYS = (1e-4, 1e-3, 1e-2)  # the L2 strengths tried on the first fold; the best held-out loss wins
 
 
@@ -70,34 +72,6 @@ def find_label_issues(labels: np.ndarray, probs: np.ndarray) -> np.ndarray:
     return found[np.argsort(probs[found, labels[found]], kind="stable")]
 
 
-def _fit_linear(x: torch.Tensor, y: torch.Tensor, classes: int, weight_decay: float) -> torch.nn.Linear:
-    """Multinomial logistic regression, full batch, L-BFGS (a linear probe's usual solver)."""
-    torch.manual_seed(0)
-    head = torch.nn.Linear(x.shape[1], classes)
-    torch.nn.init.zeros_(head.weight)
-    torch.nn.init.zeros_(head.bias)
-    opt = torch.optim.LBFGS(head.parameters(), lr=1.0, max_iter=200, history_size=20, line_search_fn="strong_wolfe")
-
-    def closure() -> torch.Tensor:
-        opt.zero_grad()
-        loss = torch.nn.functional.cross_entropy(head(x), y) + weight_decay * head.weight.pow(2).sum() / 2
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    return head
-
-
-def stratified_folds(labels: np.ndarray, folds: int, seed: int = 0) -> np.ndarray:
-    """Fold number per example: each class dealt round-robin over the folds after a seeded shuffle."""
-    rng = np.random.default_rng(seed)
-    fold = np.empty(len(labels), dtype=np.int64)
-    for c in np.unique(labels):
-        members = rng.permutation(np.flatnonzero(labels == c))
-        fold[members] = np.arange(len(members)) % folds
-    return fold
-
-
 @torch.no_grad()
 def out_of_fold_probabilities(
     features: torch.Tensor, labels: np.ndarray, classes: int, folds: int = 5, seed: int = 0
@@ -111,8 +85,8 @@ def out_of_fold_probabilities(
     def fit_predict(train: np.ndarray, held: np.ndarray, wd: float) -> torch.Tensor:
         mean, std = x[train].mean(0), x[train].std(0).clamp_min(1e-6)
         with torch.enable_grad():
-            head = _fit_linear((x[train] - mean) / std, y[train], classes, wd)
-        return head((x[held] - mean) / std).log_softmax(1)
+            w, b, _ = fit_linear((x[train] - mean) / std, y[train], classes, wd, max_iter=200)
+        return torch.addmm(b, (x[held] - mean) / std, w.t()).log_softmax(1)
 
     train0, held0 = np.flatnonzero(fold != 0), np.flatnonzero(fold == 0)
     losses = {wd: float(-fit_predict(train0, held0, wd).gather(1, y[held0].view(-1, 1)).mean())

@@ -42,6 +42,7 @@ Pool = Literal["avg", "flatten"]
 HeadInput = Literal["features", "images"]
 BnStage1 = Literal["frozen", "train"]
 LrScaling = Literal["none", "linear", "sqrt"]
+HeadSolver = Literal["auto", "lbfgs", "sgd"]
 
 
 class ConfigError(UserError, ValueError):
@@ -337,8 +338,11 @@ class StageOverrides(_Registered):
 
 class TrainConfig(_Registered):
     epochs_frozen: int = setting(
-        30, "head-only epochs (stage 1, on cached backbone features)", ge=0,
-        when="cheap on cached features (seconds), so keep them many",
+        30, "the head stage (stage 1): 0 skips it; a linear head on cached features is solved whatever N",
+        ge=0,
+        when="a linear head on cached features (the default) is solved to convergence by L-BFGS, so any N >= 1 "
+        "gives the same head and metrics.csv has one stage-1 row; MLP heads and head_input images train N "
+        "epochs (on features at least head_min_steps steps in all)",
     )  # fmt: skip
     epochs: int = setting(
         8, "fine-tuning epochs with the backbone trainable (stage 2)", ge=0,
@@ -348,6 +352,17 @@ class TrainConfig(_Registered):
         "features", "stage 1 trains the head on cached backbone features, or on augmented image batches",
         when="images = the tutorials' frozen-backbone epochs: every batch of data.batch_size augmented images goes "
         "through the frozen backbone (slow: the backbone runs every epoch); features: once, then seconds",
+    )  # fmt: skip
+    head_solver: HeadSolver = setting(
+        "auto", "stage 1 on cached features: solve a linear head (lbfgs) or train it in mini-batches (sgd)",
+        when="auto = lbfgs for a linear head whose features fit in memory: full-batch L-BFGS on the run's loss "
+        "with the weight decay picked on valid (lowest valid loss of 1e-6..1e-1), as linear-probe evaluations "
+        "do; sgd = epochs of the configured optimizer and schedule (what MLP heads always get)",
+    )  # fmt: skip
+    head_min_steps: int = setting(
+        500, "stage 1 trained on cached features (sgd): at least this many optimizer steps in all", ge=0,
+        when="an epoch on features is N / feature_batch steps (5 for 1,150 images): epochs are added until "
+        "the stage has this many; 0 runs exactly epochs_frozen",
     )  # fmt: skip
     feature_batch: int = setting(
         256, "stage 1 on cached features: features per optimizer step", ge=1,

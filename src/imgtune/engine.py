@@ -102,6 +102,9 @@ class Trainer:
     def train_epoch(self, stage: Stage, resume: dict[str, Any] | None = None) -> EpochResult:
         """One pass over the training batches. `resume` (from a last.pt written mid-epoch) replays the epoch's
         random draws, skips the batches already trained on, and continues from the very next step."""
+        if stage.fit is not None:
+            loss, accuracy, n = stage.fit()
+            return EpochResult(loss, accuracy, n)
         stage.module.train()
         acc: dict[str, Any] = dict(resume["acc"]) if resume else {"loss": 0.0, "correct": 0, "seen": 0,
                                                                    "lr_sum": 0.0, "steps": 0}  # fmt: skip

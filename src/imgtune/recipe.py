@@ -97,7 +97,7 @@ def find_lr(config: Config, stage: int = 1, steps: int = 200, out: Path = Path("
     wb = prepare(config)
     with tempfile.TemporaryDirectory(prefix="imgtune-lrfind-") as tmp:
         trainer = make_trainer(wb, RunFolder(Path(tmp)))
-        with head_stage(wb) as head:
+        with head_stage(wb, solve=stage != 1) as head:  # a solved head has no LR to find
             if stage == 1:
                 result = range_test(head, trainer, steps=steps)
             else:
@@ -223,7 +223,7 @@ def _run_stage(
             with build(wb) as stage:  # feature extraction runs here: it can run out of memory too
                 if resuming and last is not None and last.train_state is not None:
                     trainer.restore(last.train_state, stage, last.state_dict)
-                elif wb.cfg.train.lr_find:
+                elif wb.cfg.train.lr_find and stage.fit is None:  # a solved stage has no LR
                     curve = trainer.run.path / f"lr_find_stage{stage.number}.png"
                     tune_lr(stage, trainer, curve, steps=wb.cfg.train.lr_find_steps)
                 trainer.run_stage(stage)

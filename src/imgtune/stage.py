@@ -50,3 +50,6 @@ class Stage:
     augment: Callable[[torch.Tensor], torch.Tensor] | None = None  # on the whole batch, on the device
     batch_transform: BatchTransform | None = None  # mixup / cutmix: returns soft targets
     ema: torch.optim.swa_utils.AveragedModel | None = None
+    # solves the stage's single epoch in one go instead of stepping through batches (the linear head by
+    # L-BFGS, probe.py): returns the training loss, accuracy and number of examples of the solution
+    fit: Callable[[], tuple[float, float, int]] | None = None

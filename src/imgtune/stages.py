@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.nn import functional as F
 
 from imgtune.augment import BatchMix
 from imgtune.config import ConfigError
@@ -24,6 +25,7 @@ from imgtune.distributed import convert_sync_batchnorm, wrap
 from imgtune.features import FeatureStore, extract_features, tensor_batches
 from imgtune.models import param_groups, set_requires_grad, unfreeze_top
 from imgtune.optim import LRSchedule, OptimSettings, make_optimizer, weight_ema
+from imgtune.probe import LinearFit, fits_in_memory, solve_linear_head, weight_decay_text
 from imgtune.runtime import inference_dtype
 from imgtune.stage import ON_FEATURES, ON_IMAGES, Stage
 from imgtune.tracking import MONITORS
@@ -102,10 +104,11 @@ def finetune_stage(wb: Workbench) -> Stage:
 
 
 @contextlib.contextmanager
-def head_stage(wb: Workbench, run_path: Path | None = None) -> Iterator[Stage]:
+def head_stage(wb: Workbench, run_path: Path | None = None, solve: bool = True) -> Iterator[Stage]:
     """Stage 1: backbone frozen, head trained. With frozen BatchNorm statistics (the default) the backbone's
-    output never changes, so its features are computed once and the head trains on them; with
-    `bn_frozen_stage: train` the statistics adapt, so the stage runs on augmented images, epoch by epoch."""
+    output never changes, so its features are computed once and the head is solved (linear, probe.py) or
+    trained on them; with `bn_frozen_stage: train` the statistics adapt, so the stage runs on augmented
+    images, epoch by epoch. `solve=False` trains even a linear head in mini-batches (the LR finder's case)."""
     tcfg, model = wb.cfg.train, wb.model
     set_requires_grad(model.backbone, False)
     s = wb.optim_settings(1)
@@ -128,20 +131,69 @@ def head_stage(wb: Workbench, run_path: Path | None = None) -> Iterator[Stage]:
     model.bn_policy = "frozen"
     store, f_valid, y_valid = _stage1_features(wb, run_path)
     try:
+        valid_batches = lambda: tensor_batches(f_valid, y_valid, 4096, shuffle=False)  # noqa: E731
+        k, n, width = store.views.shape
+        linear = not wb.cfg.model.head
+        if solve and linear and (tcfg.head_solver == "lbfgs" or (
+                tcfg.head_solver == "auto" and fits_in_memory(k * n, width, available_memory()))):  # fmt: skip
+            yield Stage(
+                description=f"stage 1: linear head solved on cached features ({k * n} x {width}): full-batch "
+                f"L-BFGS on the training loss, weight decay picked on held-out data from {weight_decay_text()}",
+                module=model.head, train_batches=lambda: iter(()), valid_batches=valid_batches, batches_per_epoch=1,
+                scheduler=_schedule(wb, opt, s, 1, 1), policy=ON_FEATURES, fit=_head_solver(wb, store, f_valid, y_valid),
+                **{**common, "epochs": 1},
+            )  # fmt: skip
+            return
         batch = tcfg.feature_batch
-        steps = math.ceil(math.ceil(store.labels.numel() / wb.dist.world) / batch)
+        steps = math.ceil(math.ceil(n / wb.dist.world) / batch)
+        epochs = max(tcfg.epochs_frozen, math.ceil(tcfg.head_min_steps / steps))
         generator = torch.Generator().manual_seed(wb.cfg.seed)
         shard = (wb.dist.rank, wb.dist.world)
+        more = f" ({epochs} epochs: at least {tcfg.head_min_steps} steps)" if epochs > tcfg.epochs_frozen else ""
         yield Stage(
-            description=description + f" on cached features, batch {batch}",
+            description=description + f" on cached features, batch {batch}{more}",
             module=wrap(model.head, wb.dist, wb.device),
             train_batches=lambda: store.batches(batch, generator, shard),
-            valid_batches=lambda: tensor_batches(f_valid, y_valid, 4096, shuffle=False), batches_per_epoch=steps,
-            scheduler=_schedule(wb, opt, s, steps, tcfg.epochs_frozen), policy=ON_FEATURES, generator=generator,
-            **common,
+            valid_batches=valid_batches, batches_per_epoch=steps,
+            scheduler=_schedule(wb, opt, s, steps, epochs), policy=ON_FEATURES, generator=generator,
+            **{**common, "epochs": epochs},
         )  # fmt: skip
     finally:
         store.close()  # free the RAM, delete a memory-mapped file
+
+
+def _head_solver(
+    wb: Workbench, store: FeatureStore, f_valid: torch.Tensor, y_valid: torch.Tensor
+) -> Callable[[], tuple[float, float, int]]:
+    """The solved stage's fit: the linear head by probe.solve_linear_head on every view of every training
+    image, on rank 0 (the training features are gathered on every rank already; the validation shards are
+    gathered here), its weights handed to all ranks."""
+    d, tcfg = wb.dist, wb.cfg.train
+    x_valid, y_valid = d.gather_cat(f_valid), d.gather_cat(y_valid)
+    weights = wb.class_weights.cpu() if wb.class_weights is not None else None
+
+    def solve() -> tuple[LinearFit, float, float, int]:
+        k, n, width = store.views.shape
+        x, y = store.views.reshape(k * n, width).float(), store.labels.repeat(k)
+        fit = solve_linear_head(x, y, wb.num_classes, x_valid, y_valid, label_smoothing=tcfg.label_smoothing,
+                                class_weights=weights, seed=wb.cfg.seed)  # fmt: skip
+        logits = torch.addmm(fit.bias, x, fit.weight.t())
+        loss = F.cross_entropy(logits, y, weight=weights, label_smoothing=tcfg.label_smoothing)
+        return fit, float(loss), float((logits.argmax(1) == y).float().mean()), len(y)
+
+    def fit() -> tuple[float, float, int]:
+        result, loss, acc, n = d.on_main(solve)
+        layer = wb.model.head[-1]
+        with torch.no_grad():
+            layer.weight.copy_(result.weight)
+            layer.bias.copy_(result.bias)
+        log.info(
+            "stage 1: linear head solved in %.1f s (%d L-BFGS iterations): weight decay %.0e, held-out (%s) loss %.4f",
+            result.seconds, result.iterations, result.weight_decay, result.held_out, result.held_out_loss,
+        )  # fmt: skip
+        return loss, acc, n
+
+    return fit
 
 
 def _stage1_features(wb: Workbench, run_path: Path | None) -> tuple[FeatureStore, torch.Tensor, torch.Tensor]:
@@ -188,3 +240,4 @@ def _stage1_features(wb: Workbench, run_path: Path | None) -> tuple[FeatureStore
         f"memory-mapped from {path}" if path else "in RAM",
     )  # fmt: skip
     return store, f_valid, y_valid
+
