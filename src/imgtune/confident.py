@@ -85,7 +85,7 @@ def out_of_fold_probabilities(
     def fit_predict(train: np.ndarray, held: np.ndarray, wd: float) -> torch.Tensor:
         mean, std = x[train].mean(0), x[train].std(0).clamp_min(1e-6)
         with torch.enable_grad():
-            w, b, _ = fit_linear((x[train] - mean) / std, y[train], classes, wd, max_iter=200)
+            w, b, _ = fit_linear((x[train] - mean) / std, y[train], classes, wd)
         return torch.addmm(b, (x[held] - mean) / std, w.t()).log_softmax(1)
 
     train0, held0 = np.flatnonzero(fold != 0), np.flatnonzero(fold == 0)

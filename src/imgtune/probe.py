@@ -9,9 +9,9 @@ which L-BFGS finds in well under a second for thousands of images and in seconds
 folder's size: stage 1 then ends at the same head for any --epochs-frozen, and stage 2 starts from it.
 
 The loss is the run's own (label smoothing, class weights), so that fine-tuning continues the objective the
-head was solved for instead of switching it. Features are standardised for the solver (a well-conditioned
-problem converges in a few dozen iterations) and the scaling is folded back into the Linear layer, which then
-takes the backbone's raw features as before.
+head was solved for instead of switching it. Features are centred and scaled by one number for the solver
+(better conditioned) and that is folded back into the Linear layer, which takes the backbone's raw features
+as before.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def fit_linear(
     label_smoothing: float = 0.0,
     class_weights: torch.Tensor | None = None,
     init: tuple[torch.Tensor, torch.Tensor] | None = None,
-    max_iter: int = 500,
+    max_iter: int = 200,
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """(weight, bias, iterations) minimising cross-entropy + weight_decay/2 x |weight|^2 over (x, y) with
     full-batch L-BFGS; `init` warm-starts it (a neighbouring weight decay's solution)."""
@@ -57,7 +57,7 @@ def fit_linear(
     w.requires_grad_(True)
     b.requires_grad_(True)
     opt = torch.optim.LBFGS(
-        [w, b], lr=1.0, max_iter=max_iter, history_size=20, tolerance_grad=1e-6, tolerance_change=1e-10,
+        [w, b], lr=1.0, max_iter=max_iter, history_size=20, tolerance_grad=1e-5, tolerance_change=1e-9,
         line_search_fn="strong_wolfe",
     )  # fmt: skip
 
@@ -93,7 +93,11 @@ def solve_linear_head(
     x_train."""
     t0 = time.perf_counter()
     x = x_train.float()
-    mean, std = x.mean(0), x.std(0).clamp_min(1e-6)
+    # centred and scaled by one number, not per feature: a per-feature scale makes the penalty weak on
+    # near-constant features, their raw weights huge once folded back, and fine-tuning then moves the
+    # backbone along them (measured: valid 0.93 -> 0.25 in the first fine-tuning epoch on the digits)
+    mean = x.mean(0)
+    std = (x - mean).pow(2).mean().sqrt().clamp_min(1e-6)
     z = (x - mean) / std
     if x_valid is not None and y_valid is not None and len(y_valid):
         fit_z, fit_y, held_z, held_y, held_out = z, y_train, (x_valid.float() - mean) / std, y_valid, "valid"
@@ -102,7 +106,7 @@ def solve_linear_head(
         fit_z, fit_y, held_z, held_y, held_out = z[~fold], y_train[~fold], z[fold], y_train[fold], "a fifth of train"
     best: tuple[float, float, torch.Tensor, torch.Tensor] | None = None
     init: tuple[torch.Tensor, torch.Tensor] | None = None
-    iterations = 0
+    iterations = worse = 0
     for wd in weight_decays:
         w, b, n = fit_linear(fit_z, fit_y, classes, wd, label_smoothing=label_smoothing,
                              class_weights=class_weights, init=init)  # fmt: skip
@@ -111,9 +115,11 @@ def solve_linear_head(
         with torch.no_grad():
             loss = float(F.cross_entropy(torch.addmm(b, held_z, w.t()), held_y))
         if best is None or loss < best[1] - 1e-6:
-            best = (wd, loss, w, b)
-        elif math.isfinite(loss) and loss > best[1] * 1.5:
-            break  # past the minimum and climbing: weaker decays only overfit more
+            best, worse = (wd, loss, w, b), 0
+        else:
+            worse += 1
+            if worse == 2 or not math.isfinite(loss):
+                break  # past the minimum: weaker decays only overfit more
     assert best is not None
     wd, loss, w, b = best
     if held_out != "valid":
