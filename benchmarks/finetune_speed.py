@@ -21,10 +21,10 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import cpu_description  # noqa: E402
+from machine import cpu_description
 
-from imgtune.models import create_model, set_requires_grad, unfreeze_top  # noqa: E402
-from imgtune.runtime import tune_allocator  # noqa: E402
+from imgtune.models import create_model, set_requires_grad, unfreeze_top
+from imgtune.runtime import tune_allocator
 
 HERE = Path(__file__).resolve().parent
 

@@ -133,8 +133,9 @@ def main() -> None:
         if "failed" in r:
             lines.append(f"| {r['name']} | failed: {str(r['failed']).splitlines()[-1] if r['failed'] else ''} |||||||")
             continue
-        lines.append(f"| {r['name']} | {r['wall_s']} | {r['batch_size']} | {r['workers']} | "
-                     f"{', '.join(map(str, r['stage2_images_per_s']))} | {r['gpu_util_median']} / {r['gpu_util_max']} | "
+        speeds = ", ".join(map(str, r["stage2_images_per_s"]))  # type: ignore[call-overload]
+        util = f"{r['gpu_util_median']} / {r['gpu_util_max']}"
+        lines.append(f"| {r['name']} | {r['wall_s']} | {r['batch_size']} | {r['workers']} | {speeds} | {util} | "
                      f"{r['best_valid_acc']} | {r['test_acc']} |")  # fmt: skip
     lines += ["", "```json", json.dumps(results, indent=1), "```", ""]
     args.out.parent.mkdir(parents=True, exist_ok=True)

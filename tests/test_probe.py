@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from tests.conftest import small_dataset, train_small
 from torch.nn import functional as F
 
 from imgtune.probe import WEIGHT_DECAYS, fit_linear, solve_linear_head
-from tests.conftest import small_dataset, train_small
 
 
 def _blobs(n: int, classes: int = 4, dim: int = 32, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -83,3 +83,19 @@ def test_sgd_solver_trains_a_linear_head_for_its_epochs(data: Path, tmp_path: Pa
     run = train_small(data, tmp_path / "sgd", **{"train.head_solver": "sgd", "train.epochs_frozen": 3,
                                                  "train.epochs": 0, "train.head_min_steps": 0})  # fmt: skip
     assert [r["stage"] for r in _rows(run.run_dir)] == ["1", "1", "1"]
+
+
+def test_progress_lines_say_the_eta() -> None:
+    import io
+
+    from imgtune.progress import LineProgress, duration
+
+    out = io.StringIO()
+    task = LineProgress(every_s=0.0, stream=out).task("stage 2 epoch 3", 4)
+    task.advance(1, loss=0.5)
+    task.advance(3)
+    task.close()
+    first = out.getvalue().splitlines()[0]
+    assert first.startswith("stage 2 epoch 3: 1/4 (") and ", eta " in first and "loss 0.5" in first
+    assert "4/4" in out.getvalue().splitlines()[-1] and "eta" not in out.getvalue().splitlines()[-1]
+    assert (duration(9), duration(245), duration(3720)) == ("9 s", "4 min 05 s", "1 h 02 min")

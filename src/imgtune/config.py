@@ -160,11 +160,14 @@ class DataConfig(_Section):
         when="the chosen size goes into the run's config.yaml; on a CPU the batch stays as it is",
     )  # fmt: skip
     augment: str = setting(
-        "standard", "training augmentation preset: a bundle of data.aug values (config.PRESETS)",
-        when="`light`: flips only; `padcrop`: shift by up to 4 pixels (reflect-padded random crop) + flip, the "
-        "classic for 32-px from-scratch training; `standard`: random resized crop (60-100%), flip, +-10 degree "
-        "rotation, mild colour jitter with tiny hue (colour is often the label); `strong`: wider crops, more "
-        "jitter, random erasing. It runs on whole batches on the device (the GPU when there is one). Any "
+        "none", "training augmentation preset: a bundle of data.aug values (config.PRESETS)",
+        when="none by default for the few fine-tuning epochs of the transfer recipe: on Fashion-MNIST, "
+        "scikit-learn's digits and a colour folder it tested as well as or better than `standard`, which "
+        "slowed convergence (docs/results.md); `standard` or `strong` for longer runs; `light`: flips only; "
+        "`padcrop`: shift by up to 4 pixels (reflect-padded random crop) + flip, the classic for 32-px "
+        "from-scratch training; `standard`: random resized crop (60-100%), flip, +-10 degree rotation, mild "
+        "colour jitter with tiny hue (colour is often the label); `strong`: wider crops, more jitter, random "
+        "erasing. It runs on whole batches on the device (the GPU when there is one). Any "
         "data.aug key overrides its preset's value: --set data.aug.hue=0.05",
     )  # fmt: skip
     aug: AugConfig = setting(AugConfig(), "the augmentation's parameters (the preset's, and any set here)")
@@ -226,7 +229,7 @@ class DataConfig(_Section):
         """data.aug = the preset's values, then the keys the config sets itself."""
         if not isinstance(data, dict):
             return data
-        preset = PRESETS.get(str(data.get("augment", "standard")), {})
+        preset = PRESETS.get(str(data.get("augment", "none")), {})
         given = data.get("aug") or {}
         if isinstance(given, AugConfig):
             return data
@@ -460,11 +463,11 @@ class TrainConfig(_Registered):
         1, "batches per optimizer step", ge=1, when="an effective batch of K x batch size when memory is short"
     )
     ema: float | None = setting(
-        None, "weight EMA decay in stage 2, e.g. 0.99", gt=0.0, lt=1.0, unset="off",
+        0.99, "weight EMA decay in stage 2 (null: off)", gt=0.0, lt=1.0, unset="off",
         when="timm's warm-up (update t uses min(D, (1+t)/(10+t))); the averaged weights are validated, "
         "checkpointed and used for prediction, metrics.csv's raw_valid_acc shows the raw ones at the stage's "
-        "last epoch. On the speed benchmark 0.99 reached a given valid accuracy sooner but tested 0.6 points "
-        "lower (docs/results.md)",
+        "last epoch. It keeps the first fine-tuning epoch from undoing the solved head (docs/results.md); the "
+        "scratch recipe switches it off",
     )  # fmt: skip
     balance: Balance = setting(
         "none", "imbalanced classes: a class-balanced sampler or inverse-frequency loss weights",
@@ -616,6 +619,7 @@ RECIPES: dict[str, dict[str, Any]] = {
             "schedule": "onecycle",
             "label_smoothing": 0.1,
             "patience": None,
+            "ema": None,
         },
     },
 }

@@ -20,7 +20,7 @@ from imgtune.checkpoint import Checkpoint, CheckpointSaver, TrainState
 from imgtune.distributed import Dist, unwrap
 from imgtune.errors import Interrupted, TrainingError
 from imgtune.metrics import EvalResult, compute_metrics
-from imgtune.progress import Progress, SilentProgress, SilentTask, Task
+from imgtune.progress import Progress, SilentProgress, SilentTask, Task, duration
 from imgtune.rng import rng_state, set_rng_state
 from imgtune.runs import RunFolder
 from imgtune.runtime import StopRequest, autocast
@@ -202,11 +202,12 @@ class Trainer:
             return
         log.info("%s", stage.description)
         best_weights: dict[str, torch.Tensor] | None = None
-        started = time.perf_counter()
+        started, ran = time.perf_counter(), 0  # epochs run by this process (a resumed stage has done more)
         stage_task = SilentTask() if policy.report_every_epoch else self.progress.task(f"stage {stage.number} epochs",
                                                                                       stage.epochs)  # fmt: skip
         while st.stage_epochs_done < stage.epochs and not self._out_of_time(stage):
             row = self._epoch(stage)
+            ran += 1
             verdict = tracker.end_epoch(row)
             if verdict.stage_improved and policy.restore_best:
                 best_weights = {k: v.detach().clone() for k, v in unwrap(stage.module).state_dict().items()}
@@ -216,6 +217,10 @@ class Trainer:
             stage_task.advance(train_acc=row["train_acc"], valid_acc=row["valid_acc"])
             if policy.report_every_epoch:
                 tracker.log_epoch(row, verdict)
+                left = stage.epochs - st.stage_epochs_done
+                if left > 0 and not st.stopped_early:  # the epochs so far predict the rest of the stage
+                    log.info("stage %d: %d epoch%s left, eta %s", stage.number, left, "s" if left > 1 else "",
+                             duration((time.perf_counter() - started) / ran * left))  # fmt: skip
             if policy.checkpoint_every_epoch:
                 if verdict.improved:
                     self.save("best", stage)

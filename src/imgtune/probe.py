@@ -149,4 +149,3 @@ def fits_in_memory(rows: int, features: int, available: int) -> bool:
 
 def weight_decay_text(weight_decays: tuple[float, ...] = WEIGHT_DECAYS) -> str:
     return f"{min(weight_decays):g}..{max(weight_decays):g}"
-

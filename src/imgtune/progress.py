@@ -32,6 +32,16 @@ class SilentProgress:
         return SilentTask()
 
 
+def duration(seconds: float) -> str:
+    """12 s, 4 min 05 s, 1 h 02 min: what a person reads in an ETA."""
+    s = round(seconds)
+    if s < 60:
+        return f"{s} s"
+    if s < 3600:
+        return f"{s // 60} min {s % 60:02d} s"
+    return f"{s // 3600} h {s % 3600 // 60:02d} min"
+
+
 def _fmt(fields: dict[str, Any]) -> str:
     return "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in fields.items())
 
@@ -52,8 +62,11 @@ class _Line:
             self._print(now)
 
     def _print(self, now: float) -> None:
+        elapsed = now - self.start
+        left = elapsed / self.done * (self.total - self.done) if 0 < self.done < self.total else None
+        eta = f", eta {duration(left)}" if left is not None else ""
         print(
-            f"{self.description}: {self.done}/{self.total} ({now - self.start:.0f} s)  {_fmt(self.fields)}",
+            f"{self.description}: {self.done}/{self.total} ({elapsed:.0f} s{eta})  {_fmt(self.fields)}",
             file=self.stream or sys.stderr,
             flush=True,
         )
@@ -87,13 +100,22 @@ class RichProgress:
     """One live bar per task (epoch), left on screen when done."""
 
     def task(self, description: str, total: int) -> Task:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
 
         progress = Progress(
             TextColumn("{task.description}"),
             BarColumn(),
             MofNCompleteColumn(),
             TimeElapsedColumn(),
+            TextColumn("eta"),
+            TimeRemainingColumn(),
             TextColumn("{task.fields[info]}"),
             transient=False,
         )

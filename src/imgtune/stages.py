@@ -140,8 +140,8 @@ def head_stage(wb: Workbench, run_path: Path | None = None, solve: bool = True) 
                 description=f"stage 1: linear head solved on cached features ({k * n} x {width}): full-batch "
                 f"L-BFGS on the training loss, weight decay picked on held-out data from {weight_decay_text()}",
                 module=model.head, train_batches=lambda: iter(()), valid_batches=valid_batches, batches_per_epoch=1,
-                scheduler=_schedule(wb, opt, s, 1, 1), policy=ON_FEATURES, fit=_head_solver(wb, store, f_valid, y_valid),
-                **{**common, "epochs": 1},
+                scheduler=_schedule(wb, opt, s, 1, 1), policy=ON_FEATURES,
+                fit=_head_solver(wb, store, f_valid, y_valid), **{**common, "epochs": 1},
             )  # fmt: skip
             return
         batch = tcfg.feature_batch
@@ -183,7 +183,8 @@ def _head_solver(
 
     def fit() -> tuple[float, float, int]:
         result, loss, acc, n = d.on_main(solve)
-        layer = wb.model.head[-1]
+        layer = list(wb.model.head.children())[-1]  # make_head: [Dropout, Linear] for a linear head
+        assert isinstance(layer, torch.nn.Linear)
         with torch.no_grad():
             layer.weight.copy_(result.weight)
             layer.bias.copy_(result.bias)
@@ -240,4 +241,3 @@ def _stage1_features(wb: Workbench, run_path: Path | None) -> tuple[FeatureStore
         f"memory-mapped from {path}" if path else "in RAM",
     )  # fmt: skip
     return store, f_valid, y_valid
-
