@@ -27,6 +27,7 @@ from imgtune.images import ImageError
 from imgtune.keywords import keyword_overrides
 
 EPOCHS_FROZEN, EPOCHS = 4, 2
+HEAD_ROWS = 1  # a solved linear head is one stage-1 row, whatever epochs_frozen says
 
 
 @pytest.fixture(scope="module")
@@ -71,8 +72,8 @@ def test_keyword_train_returns_history_curves_and_report(tracked: imgtune.TrainR
     assert config["train"]["label_smoothing"] == 0.05 and config["train"]["lr_decay"] == 0.9
     assert config["data"]["img_size"] == 32 and config["train"]["tensorboard"] and config["train"]["mlflow"]
     history = tracked.history
-    assert [r["epoch"] for r in history] == list(range(1, EPOCHS_FROZEN + EPOCHS + 1))
-    assert [r["stage"] for r in history] == [1] * EPOCHS_FROZEN + [2] * EPOCHS
+    assert [r["epoch"] for r in history] == list(range(1, HEAD_ROWS + EPOCHS + 1))
+    assert [r["stage"] for r in history] == [1] * HEAD_ROWS + [2] * EPOCHS
     csv_rows = (tracked.run_dir / "metrics.csv").read_text().splitlines()[1:]
     assert len(csv_rows) == len(history)
     assert tracked.report == tracked.run_dir / "report.html" and tracked.report.is_file()
@@ -176,7 +177,7 @@ def test_tensorboard_has_steps_images_and_hparams(tracked: imgtune.TrainResult) 
     tags = events.Tags()
     steps = len((tracked.run_dir / "lr.csv").read_text().splitlines()) - 1
     assert len(events.Scalars("train/loss_step")) == steps == len(events.Scalars("train/lr")) > EPOCHS
-    assert len(events.Scalars("valid_acc")) == EPOCHS_FROZEN + EPOCHS
+    assert len(events.Scalars("valid_acc")) == HEAD_ROWS + EPOCHS
     assert {"samples", "confusion_matrix"} <= set(tags["images"])
     from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 
@@ -198,7 +199,7 @@ def test_mlflow_run_holds_params_metrics_and_artifacts(tracked: imgtune.TrainRes
     client = MlflowClient(tracking_uri=record["tracking_uri"])
     run = client.get_run(record["run_id"])
     assert run.info.status == "FINISHED" and run.data.params["train.label_smoothing"] == "0.05"
-    assert len(client.get_metric_history(record["run_id"], "valid_acc")) == EPOCHS_FROZEN + EPOCHS
+    assert len(client.get_metric_history(record["run_id"], "valid_acc")) == HEAD_ROWS + EPOCHS
     assert run.data.metrics["best_valid_acc"] == pytest.approx(tracked.best_valid_acc)
     top = {a.path for a in client.list_artifacts(record["run_id"])}
     assert {"report.html", "summary.json", "checkpoints", "plots"} <= top

@@ -218,7 +218,7 @@ def test_out_of_memory_halves_the_batch_and_restarts_the_stage(
     summary = json.loads((result.run_dir / "summary.json").read_text())
     assert summary["batch_size"] == 4 and summary["oom_retries"] == 2
     rows = (result.run_dir / "metrics.csv").read_text().splitlines()
-    assert len(rows) == 1 + 2 + 1  # header, 2 head epochs, 1 fine-tuning epoch: no rows from failed attempts
+    assert len(rows) == 1 + 1 + 1  # header, the solved head, 1 fine-tuning epoch: no rows from failed attempts
     last = torch.load(result.run_dir / "checkpoints" / "last.pt", weights_only=True)
     assert last["config"]["data"]["batch_size"] == 4
 

@@ -29,7 +29,7 @@ def test_the_quickstart_notebook_runs_in_a_kernel(tmp_path: Path) -> None:
     kinds = [set(o.get("data", {})) for c in code for o in c.outputs if o.output_type == "execute_result"]
     assert sum("image/png" in k for k in kinds) >= 3  # curves, confusion matrix, the Grad-CAM overlay
     printed = "".join(o.get("text", "") for o in outputs if o.output_type == "stream" and o.name == "stdout")
-    assert "epoch 31 (stage 2)" in printed and "test accuracy of the best checkpoint" in printed
+    assert "epoch 2 (stage 2)" in printed and "test accuracy of the best checkpoint" in printed
     assert "\x1b[" not in printed and printed.count("\n") < 40  # plain lines, a few per epoch, no redraws
     prediction = next(c for c in code if "predictor(photo" in c.source).outputs[0]["data"]["text/plain"]
     assert prediction.count("'label':") == 3 and prediction.count("'score':") == 3

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from tests.conftest import small_dataset, train_small
 from torch.nn import functional as F
 
+from conftest import small_dataset, train_small
 from imgtune.probe import WEIGHT_DECAYS, fit_linear, solve_linear_head
 
 

@@ -101,6 +101,7 @@ def test_stage_overrides_give_each_stage_its_own_optimizer_and_schedule(data: Pa
     result = _train(
         data, tmp_path / "run", **{
             "train.epochs_frozen": 2, "train.epochs": 2, "train.stage1.schedule": "constant",
+            "train.head_solver": "sgd", "train.head_min_steps": 0,
             "train.stage2.optimizer": "sgd", "train.stage2.lr": 0.01, "train.stage2.schedule": "step",
             "train.stage2.step_size": 1, "train.stage2.gamma": 0.5, "train.warmup_fraction": 0.0,
         },
@@ -253,12 +254,13 @@ def test_training_without_a_validation_split_keeps_the_last_epoch_and_still_test
     result = _train(root, tmp_path / "run", **{"data.valid_fraction": 0.0, "train.epochs_frozen": 2,
                                                "train.epochs": 2})  # fmt: skip
     rows = list(csv.DictReader((result.run_dir / "metrics.csv").open()))
-    assert [r["valid_acc"] for r in rows] == [""] * 4 and result.summary["valid_images"] == 0
-    assert result.best_epoch == 4 and result.summary["best_valid_acc"] is None  # the last epoch is kept
+    assert [r["valid_acc"] for r in rows] == [""] * 3 and result.summary["valid_images"] == 0  # solved head + 2
+    assert result.best_epoch == 3 and result.summary["best_valid_acc"] is None  # the last epoch is kept
     assert result.test is not None and result.test.n == 9 and result.summary["test_images"] == 9
     # a training metric as the monitor: the best epoch is the one with the lowest training loss
     by_loss = _train(root, tmp_path / "loss", **{"data.valid_fraction": 0.0, "train.epochs_frozen": 3,
-                                                 "train.epochs": 0, "train.monitor": "train_loss"})  # fmt: skip
+                                                 "train.epochs": 0, "train.monitor": "train_loss",
+                                                 "train.head_solver": "sgd", "train.head_min_steps": 0})  # fmt: skip
     losses = [float(r["train_loss"]) for r in csv.DictReader((by_loss.run_dir / "metrics.csv").open())]
     assert by_loss.best_epoch == losses.index(min(losses)) + 1 and by_loss.summary["monitor"] == "train_loss"
 
@@ -279,7 +281,8 @@ def test_head_stage_on_augmented_image_batches_and_the_feature_batch(data: Path,
     images = _train(data, tmp_path / "img", **{"train.head_input": "images", "train.epochs_frozen": 2,
                                                "train.epochs": 0, "data.augment": "standard"})  # fmt: skip
     assert _lrs(images.run_dir, 1) and len(_lrs(images.run_dir, 1)) == 2 * 3
-    feats = _train(data, tmp_path / "feat", **{"train.feature_batch": 5, "train.epochs_frozen": 2, "train.epochs": 0})
+    feats = _train(data, tmp_path / "feat", **{"train.feature_batch": 5, "train.epochs_frozen": 2, "train.epochs": 0,
+                                               "train.head_solver": "sgd", "train.head_min_steps": 0})  # fmt: skip
     assert len(_lrs(feats.run_dir, 1)) == 2 * 5  # ceil(24 / 5) steps per epoch
     trained = torch.load(images.run_dir / "checkpoints" / "last.pt", weights_only=True)["state_dict"]
     pretrained = imgtune.create_model("tf_efficientnet_lite0", 3).state_dict()

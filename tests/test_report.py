@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -36,6 +37,8 @@ def shapes(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     write_class_folders(root / "train", 12, seed=1)
     write_class_folders(root / "valid", 6, seed=2)
     write_class_folders(root / "test", 6, seed=3, fmt="jpg")
+    for i in range(2):  # wrong labels: a model that gets the easy shapes all right still has top losses to show
+        shutil.copy(root / "test" / "red" / f"{i}.jpg", root / "test" / "blue" / f"red-{i}.jpg")
     run = root.parent / "run"
     _train(root, run)
     return root, run
@@ -100,6 +103,8 @@ def test_temperature_scaling_lowers_ece_of_an_over_confident_model(shapes: tuple
     hot.parent.mkdir(parents=True)
     save_checkpoint(hot, ckpt)
     root = write_class_folders(tmp_path / "more" / "valid", 40, seed=7).parent  # 120 images: ECE means something
+    for i in range(6):  # wrong labels, as real data has: confident mistakes are what temperature scaling softens
+        (root / "valid" / "red" / f"{i}.png").rename(root / "valid" / "green" / f"red-{i}.png")
     before = imgtune.evaluate(hot, root, "valid")
     (hot.parent.parent / "config.yaml").write_text((run / "config.yaml").read_text())
     with RunLock(hot.parent.parent):  # a train writing this run: calibrate refuses to rewrite its best.pt

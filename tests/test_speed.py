@@ -119,7 +119,7 @@ def test_feature_views_and_disk_store_train_end_to_end(
     assert "3 views of each training image" in text and "memory-mapped from" in text
     assert not (result.run_dir / "cache").exists()  # the memory-mapped features are deleted after stage 1
     stage1 = [r for r in csv.DictReader((result.run_dir / "metrics.csv").open()) if r["stage"] == "1"]
-    assert len(stage1) == 4
+    assert len(stage1) == 1 and "linear head solved" in text  # on all 3 views of every image at once
 
 
 # ------------------------------------------------------------------------------------ precision, runtime

@@ -34,7 +34,7 @@ CELLS = [
         "Every config key is a keyword (`epochs`, `img_size`, `lr`, `smoothing`, ...; `docs/options.md` lists "
         "them). In a notebook the run prints one line per epoch."
     ),
-    new_code_cell("result = imgtune.train(DATA, img_size=40, epochs_frozen=30, epochs=3)"),
+    new_code_cell("result = imgtune.train(DATA, img_size=40, epochs=3)"),
     new_code_cell("result.plot()  # loss and accuracy per epoch; the dashed line is where fine-tuning starts"),
     new_code_cell(
         'print(f"test accuracy {result.test.accuracy:.3f} on {result.test.n} images; report: {result.report}")\n'

@@ -20,7 +20,7 @@ from imgtune.checkpoint import Checkpoint, CheckpointSaver, TrainState
 from imgtune.distributed import Dist, unwrap
 from imgtune.errors import Interrupted, TrainingError
 from imgtune.metrics import EvalResult, compute_metrics
-from imgtune.progress import Progress, SilentProgress, SilentTask, Task, duration
+from imgtune.progress import Progress, SilentProgress, SilentTask, Task
 from imgtune.rng import rng_state, set_rng_state
 from imgtune.runs import RunFolder
 from imgtune.runtime import StopRequest, autocast
@@ -97,14 +97,11 @@ class Trainer:
             )
         self.stepper.fall_back_to_fp32(self.state.skipped_steps)
 
-    # ----------------------------------------------------------------------------------------- one epoch
-
     def train_epoch(self, stage: Stage, resume: dict[str, Any] | None = None) -> EpochResult:
         """One pass over the training batches. `resume` (from a last.pt written mid-epoch) replays the epoch's
         random draws, skips the batches already trained on, and continues from the very next step."""
         if stage.fit is not None:
-            loss, accuracy, n = stage.fit()
-            return EpochResult(loss, accuracy, n)
+            return EpochResult(*stage.fit())
         stage.module.train()
         acc: dict[str, Any] = dict(resume["acc"]) if resume else {"loss": 0.0, "correct": 0, "seen": 0,
                                                                    "lr_sum": 0.0, "steps": 0}  # fmt: skip
@@ -192,7 +189,6 @@ class Trainer:
         return compute_metrics(all_logits, all_labels, [str(c) for c in range(self.num_classes)], "valid")
 
     # ------------------------------------------------------------------------------------------- a stage
-
     def run_stage(self, stage: Stage) -> None:
         st, tracker, policy = self.state, self.tracker, stage.policy
         if st.stage != stage.number:  # a new stage (on resume, the state already points into this one)
@@ -202,12 +198,11 @@ class Trainer:
             return
         log.info("%s", stage.description)
         best_weights: dict[str, torch.Tensor] | None = None
-        started, ran = time.perf_counter(), 0  # epochs run by this process (a resumed stage has done more)
+        started, done_before = time.perf_counter(), st.stage_epochs_done  # a resumed stage has done some
         stage_task = SilentTask() if policy.report_every_epoch else self.progress.task(f"stage {stage.number} epochs",
                                                                                       stage.epochs)  # fmt: skip
         while st.stage_epochs_done < stage.epochs and not self._out_of_time(stage):
             row = self._epoch(stage)
-            ran += 1
             verdict = tracker.end_epoch(row)
             if verdict.stage_improved and policy.restore_best:
                 best_weights = {k: v.detach().clone() for k, v in unwrap(stage.module).state_dict().items()}
@@ -215,12 +210,10 @@ class Trainer:
                 log.info("early stop: no better %s for %d epochs", tracker.monitor.name, tracker.bad_epochs)
                 st.stopped_early = True
             stage_task.advance(train_acc=row["train_acc"], valid_acc=row["valid_acc"])
-            if policy.report_every_epoch:
-                tracker.log_epoch(row, verdict)
-                left = stage.epochs - st.stage_epochs_done
-                if left > 0 and not st.stopped_early:  # the epochs so far predict the rest of the stage
-                    log.info("stage %d: %d epoch%s left, eta %s", stage.number, left, "s" if left > 1 else "",
-                             duration((time.perf_counter() - started) / ran * left))  # fmt: skip
+            if policy.report_every_epoch:  # with the stage's ETA: its epochs so far predict the rest
+                each = (time.perf_counter() - started) / (st.stage_epochs_done - done_before)
+                left = 0 if st.stopped_early else stage.epochs - st.stage_epochs_done
+                tracker.log_epoch(row, verdict, (left, each * left))
             if policy.checkpoint_every_epoch:
                 if verdict.improved:
                     self.save("best", stage)

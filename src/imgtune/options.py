@@ -304,6 +304,7 @@ _TRAIN = [
     Flag("train.epochs_frozen"),
     Flag("train.epochs"),
     Flag("train.head_input"),
+    Flag("train.head_solver"),
     Flag("train.lr", parse=_number_or_auto("train.lr", "train.lr_find", float, "--lr"), metavar="LR|auto",
          extra="'auto': the LR finder before each stage"),
     Flag("train.optimizer", aliases=("--opt",)),

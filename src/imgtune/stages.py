@@ -86,6 +86,8 @@ def finetune_stage(wb: Workbench) -> Stage:
             f"BatchNorm statistics {'frozen' if frozen else 'updated'}, "
             f"{len(wb.train_plain)} train images, batch {wb.cfg.data.batch_size}"
             + (f" x {tcfg.accumulate} accumulated" if tcfg.accumulate > 1 else "")
+            + f", augmentation {wb.cfg.data.augment}"
+            + (f", weight EMA {tcfg.ema:g}" if tcfg.ema is not None else "")
         ),
         module=wrap(model, wb.dist, wb.device),
         train_batches=lambda: loader,

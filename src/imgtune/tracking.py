@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from imgtune.files import atomic_write_text
+from imgtune.progress import duration
 from imgtune.runs import RunFolder
 
 if TYPE_CHECKING:
@@ -188,16 +189,18 @@ class Tracker:
     def patience_used_up(self, patience: int | None) -> bool:
         return patience is not None and self.bad_epochs >= patience
 
-    def log_epoch(self, row: dict[str, Any], verdict: Verdict) -> None:
+    def log_epoch(self, row: dict[str, Any], verdict: Verdict, eta: tuple[int, float] = (0, 0.0)) -> None:
+        """The epoch's line; eta = (epochs left in the stage, their estimated seconds) adds the stage's ETA."""
+        left = f" | {eta[0]} epoch{'s' if eta[0] > 1 else ''} left, eta {duration(eta[1])}" if eta[0] else ""
         valid = (
             "no validation"
             if row["valid_acc"] == ""
             else f"valid loss {row['valid_loss']:.4f} acc {row['valid_acc']:.4f}"
         )
         log.info(
-            "epoch %d (stage %d): train loss %.4f acc %.4f | %s | %.0f s, %.1f img/s%s",
+            "epoch %d (stage %d): train loss %.4f acc %.4f | %s | %.0f s, %.1f img/s%s%s",
             row["epoch"], row["stage"], row["train_loss"], row["train_acc"], valid, row["seconds"],
-            row["images_per_s"], "  * best" if verdict.improved else "",
+            row["images_per_s"], "  * best" if verdict.improved else "", left,
         )  # fmt: skip
 
     def log_stage(self, stage: int, seconds: float) -> bool:
