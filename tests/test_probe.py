@@ -99,3 +99,11 @@ def test_progress_lines_say_the_eta() -> None:
     assert first.startswith("stage 2 epoch 3: 1/4 (") and ", eta " in first and "loss 0.5" in first
     assert "4/4" in out.getvalue().splitlines()[-1] and "eta" not in out.getvalue().splitlines()[-1]
     assert (duration(9), duration(245), duration(3720)) == ("9 s", "4 min 05 s", "1 h 02 min")
+
+
+def test_lbfgs_is_for_linear_heads() -> None:
+    import imgtune
+    from imgtune.config import ConfigError
+
+    with pytest.raises(ConfigError, match="lbfgs solves a linear head"):
+        imgtune.build_config(overrides={"data.path": "x", "train.head_solver": "lbfgs", "model.head": [500]})

@@ -593,6 +593,15 @@ class Config(_Section):
             raise ValueError("train.epochs_frozen and train.epochs are both 0: nothing would be trained")
         return self
 
+    @model_validator(mode="after")
+    def _solver_fits_head(self) -> Config:
+        if self.train.head_solver == "lbfgs" and self.model.head:
+            raise ValueError(
+                f"train.head_solver lbfgs solves a linear head, but model.head {self.model.head} is an MLP: "
+                "use auto or sgd (MLP heads train in mini-batches)"
+            )
+        return self
+
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_plain(), sort_keys=False)
 

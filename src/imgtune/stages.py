@@ -152,6 +152,8 @@ def head_stage(wb: Workbench, run_path: Path | None = None, solve: bool = True) 
         generator = torch.Generator().manual_seed(wb.cfg.seed)
         shard = (wb.dist.rank, wb.dist.world)
         more = f" ({epochs} epochs: at least {tcfg.head_min_steps} steps)" if epochs > tcfg.epochs_frozen else ""
+        if solve and linear and tcfg.head_solver == "auto":  # the features were too large for a full-batch solve
+            more += "; trained, not solved: the features do not fit in memory twice"
         yield Stage(
             description=description + f" on cached features, batch {batch}{more}",
             module=wrap(model.head, wb.dist, wb.device),
