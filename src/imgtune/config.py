@@ -344,13 +344,13 @@ class TrainConfig(_Registered):
         30, "the head stage (stage 1): 0 skips it; a linear head on cached features is solved whatever N",
         ge=0,
         when="a linear head on cached features (the default) is solved to convergence by L-BFGS, so any N >= 1 "
-        "gives the same head and metrics.csv has one stage-1 row; MLP heads and head_input images train N "
-        "epochs (on features at least head_min_steps steps in all)",
+        "gives the same head and metrics.csv has one stage-1 row; MLP heads, head_solver sgd and head_input "
+        "images train N epochs (on features at least head_min_steps steps in all)",
     )  # fmt: skip
     epochs: int = setting(
         5, "fine-tuning epochs with the backbone trainable (stage 2)", ge=0,
         when="most of the run's time; 0 trains only the head (a linear probe). 5 after a solved head tested "
-        "0.910 on the speed benchmark, 3 gave 0.903-0.906 in 60% of the time (docs/results.md)",
+        "0.910 on the speed benchmark, 3 gave 0.903-0.906 in 65% of the time (docs/results.md)",
     )  # fmt: skip
     head_input: HeadInput = setting(
         "features", "stage 1 trains the head on cached backbone features, or on augmented image batches",
@@ -360,8 +360,9 @@ class TrainConfig(_Registered):
     head_solver: HeadSolver = setting(
         "auto", "stage 1 on cached features: solve a linear head (lbfgs) or train it in mini-batches (sgd)",
         when="auto = lbfgs for a linear head whose features fit in memory: full-batch L-BFGS on the run's loss "
-        "with the weight decay picked on valid (lowest valid loss of 1e-6..1e-1), as linear-probe evaluations "
-        "do; sgd = epochs of the configured optimizer and schedule (what MLP heads always get)",
+        "with the weight decay picked on valid (the lowest valid loss on a grid from 1e-6 to 3.2), as "
+        "linear-probe evaluations do; sgd = epochs of the configured optimizer and schedule (what MLP heads "
+        "always get)",
     )  # fmt: skip
     head_min_steps: int = setting(
         500, "stage 1 trained on cached features (sgd): at least this many optimizer steps in all", ge=0,
