@@ -5,8 +5,9 @@ SimCLR's).
 Why: trained with mini-batch AdamW, a head's quality depends on how many steps it got. An epoch on cached
 features is N / 256 steps, so "2 head epochs" on a thousand images is ten steps (valid accuracy 0.56 on
 scikit-learn's digits), while 30 epochs on 60,000 images are thousands. The convex problem has one answer,
-which L-BFGS finds in well under a second for thousands of images and in seconds for 60,000, whatever the
-folder's size: stage 1 then ends at the same head for any --epochs-frozen, and stage 2 starts from it.
+which L-BFGS finds in a second or two for thousands of images (136 s for 55,000 x 1,280 features on 2 CPU
+cores, 1,379 iterations along the weight-decay path), whatever --epochs-frozen says: stage 1 ends at the
+same head, and stage 2 starts from it.
 
 The loss is the run's own (label smoothing, class weights), so that fine-tuning continues the objective the
 head was solved for instead of switching it. Features are centred and scaled by one number for the solver
