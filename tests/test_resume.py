@@ -68,8 +68,9 @@ def test_sigkill_mid_epoch_then_resume_equals_an_uninterrupted_run(
     deadline = time.monotonic() + 300
     try:
         while time.monotonic() < deadline:
-            metrics = out / "metrics.csv"
-            if metrics.is_file() and len(metrics.read_text().splitlines()) - 1 >= kill_after_rows:
+            # the solved head's row is logged before its checkpoint is written: wait for both
+            checkpointed = (out / "checkpoints" / "last.pt").is_file()
+            if checkpointed and len((out / "metrics.csv").read_text().splitlines()) - 1 >= kill_after_rows:
                 break
             if proc.poll() is not None:
                 pytest.fail("training ended before it could be interrupted")
