@@ -87,7 +87,7 @@ def main() -> None:
                                        "--out", str(run), "--no-report"])  # fmt: skip
     summary = json.loads((run / "summary.json").read_text())
     rows = [r.split(",") for r in (run / "metrics.csv").read_text().splitlines()[1:]]
-    stage1_s = next(t for t, text in lines if "stage 1: " in text and "epochs in" in text)
+    stage1_s = next(t for t, text in lines if re.search(r"stage 1: \d+ epochs? in", text))
     stage1_acc = max(float(r[6]) for r in rows if r[1] == "1")
     stage2_ips = [float(r[8]) for r in rows if r[1] == "2"]
     reach = imgtune_reach(lines, base["final_valid_acc"])

@@ -206,11 +206,12 @@ class Tracker:
     def log_stage(self, stage: int, seconds: float) -> bool:
         """One line for a stage reported as a whole; returns whether the run's best epoch is in it."""
         rows = [r for r in self.rows if r["stage"] == stage]
+        epochs = f"{len(rows)} epoch{'s' if len(rows) != 1 else ''}"
         if rows[-1]["valid_acc"] == "":
-            log.info("stage %d: %d epochs in %.1f s; no validation: its last epoch is kept", stage, len(rows), seconds)
+            log.info("stage %d: %s in %.1f s; no validation: its last epoch is kept", stage, epochs, seconds)
         else:
             best = max(rows, key=lambda r: r["valid_acc"])
-            log.info("stage %d: %d epochs in %.1f s; best valid acc %.4f (epoch %d)", stage, len(rows), seconds,
+            log.info("stage %d: %s in %.1f s; best valid acc %.4f (epoch %d)", stage, epochs, seconds,
                      best["valid_acc"], best["epoch"])  # fmt: skip
         return self.best_epoch in {r["epoch"] for r in rows}
 
