@@ -23,6 +23,7 @@ from torch import nn
 
 from imgtune.checkpoint import Checkpoint, CheckpointError, is_checkpoint_payload, safe_torch_load
 from imgtune.errors import UserError
+from imgtune.prefix import Midway
 from imgtune.scratch import BUILTIN, MEAN, STD
 from imgtune.transforms import Preprocessing
 
@@ -69,9 +70,12 @@ class Classifier(nn.Module):
         out: torch.Tensor = self.backbone(self.normalize(x))
         return out
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out: torch.Tensor = self.head(self.features(x))
-        return out
+    def forward(self, x: torch.Tensor | Midway) -> torch.Tensor:
+        if isinstance(x, Midway):  # the frozen blocks' outputs, cached by stage 2 (prefix.py): the top only
+            out: torch.Tensor = self.head(x.finish(self.backbone, self.channels_last))
+            return out
+        whole: torch.Tensor = self.head(self.features(x))
+        return whole
 
     def train(self, mode: bool = True) -> Classifier:
         super().train(mode)

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch.nn import functional as F
 
+from imgtune import prefix
 from imgtune.augment import BatchMix
 from imgtune.config import ConfigError
 from imgtune.data import ImageDataset, available_memory, balanced_sampler, make_loader
@@ -34,20 +35,58 @@ from imgtune.workbench import Workbench
 log = logging.getLogger(__name__)
 
 
-def image_loader(wb: Workbench) -> Any:
-    """Training images in batches: shuffled; sharded under torchrun; class-balanced with --balance sampler."""
+def image_loader(wb: Workbench, dataset: Any = None, workers: int | None = None) -> Any:
+    """Training images in batches: shuffled; sharded under torchrun; class-balanced with --balance sampler.
+    `dataset` stands in for the images with the same length and order (prefix.Indices)."""
     dcfg, d = wb.cfg.data, wb.dist
+    data = wb.train_plain if dataset is None else dataset
     sampler: Any = None
     if d.enabled:  # a shard per rank, reshuffled per epoch (set_epoch), padded to equal lengths
         sampler = torch.utils.data.DistributedSampler(
-            wb.train_plain, num_replicas=d.world, rank=d.rank, shuffle=True, seed=wb.cfg.seed
+            data, num_replicas=d.world, rank=d.rank, shuffle=True, seed=wb.cfg.seed
         )
     elif wb.cfg.train.balance == "sampler":
         sampler = balanced_sampler([x.label for x in wb.train_samples], wb.generator)
     return make_loader(
-        wb.train_plain, dcfg.batch_size, shuffle=sampler is None, workers=wb.workers, generator=wb.generator,
-        sampler=sampler, pin_memory=wb.device.type == "cuda", drop_last=len(wb.train_plain) > dcfg.batch_size,
+        data, dcfg.batch_size, shuffle=sampler is None, workers=wb.workers if workers is None else workers,
+        generator=wb.generator, sampler=sampler, pin_memory=wb.device.type == "cuda",
+        drop_last=len(data) > dcfg.batch_size,
     )  # fmt: skip
+
+
+def _train_batches(wb: Workbench, loader: Any, mixing: bool) -> Callable[[], Any]:
+    """Stage 2's training batches: the image loader, or, with frozen blocks that see the same images every
+    epoch, their outputs computed once on the first call (after a resume has loaded its weights)."""
+    tcfg, model = wb.cfg.train, wb.model
+    why = prefix.why_not(model, unfreeze=tcfg.unfreeze, augment=bool(wb.augment), mixing=mixing,
+                         compiled=tcfg.compile, drop_path=wb.cfg.model.drop_path)  # fmt: skip
+    if why is None and not tcfg.cache_frozen:
+        why = "train.cache_frozen is off"
+    if why is not None:
+        if why:
+            log.info("stage 2: the frozen blocks run every step (%s)", why)
+        return lambda: loader
+    start = prefix.frozen_blocks(model)
+    assert start is not None
+    chosen: list[Any] = []
+
+    def batches() -> Any:
+        if not chosen:
+            t0 = time.perf_counter()
+            plain = make_loader(wb.train_plain, wb.cfg.data.batch_size, shuffle=False, workers=wb.workers)
+            got = prefix.compute_cache(model, plain, wb.device, start, len(wb.train_plain), available_memory())
+            if isinstance(got, str):
+                log.info("stage 2: the frozen blocks run every step (%s)", got)
+                chosen.append(loader)
+            else:
+                log.info("stage 2: outputs of the stem and %d frozen blocks computed once for %d images in %.1f s "
+                         "(%d MB); each step runs the top blocks only", start, len(got), time.perf_counter() - t0,
+                         got.numel() * 4 // 2**20)  # fmt: skip
+                labels = [x.label for x in wb.train_samples]
+                chosen.append(prefix.MidwayBatches(image_loader(wb, prefix.Indices(labels), workers=0), got, start))
+        return chosen[0]
+
+    return batches
 
 
 def _schedule(wb: Workbench, opt: torch.optim.Optimizer, s: OptimSettings, steps: int, epochs: int) -> LRSchedule:
@@ -90,7 +129,7 @@ def finetune_stage(wb: Workbench) -> Stage:
             + (f", weight EMA {tcfg.ema:g}" if tcfg.ema is not None else "")
         ),
         module=wrap(model, wb.dist, wb.device),
-        train_batches=lambda: loader,
+        train_batches=_train_batches(wb, loader, mixing),
         valid_batches=lambda: wb.valid_loader,
         batches_per_epoch=batches,
         epochs=tcfg.epochs,
