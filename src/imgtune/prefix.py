@@ -16,13 +16,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
-
-if TYPE_CHECKING:
-    from imgtune.models import Classifier
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +56,7 @@ def _frozen(module: nn.Module) -> bool:
     return not any(p.requires_grad for p in module.parameters())
 
 
-def frozen_blocks(model: Classifier) -> int | None:
+def frozen_blocks(model: Any) -> int | None:  # model: a models.Classifier (which imports this module)
     """How many blocks (after the stem) are frozen below the first trainable one, or None when the model
     cannot be cut there: another layout, a trainable stem, or nothing trainable in the backbone."""
     bb: Any = model.backbone
@@ -71,7 +68,7 @@ def frozen_blocks(model: Classifier) -> int | None:
 
 
 def why_not(
-    model: Classifier, *, unfreeze: int | None, augment: bool, mixing: bool, compiled: bool, drop_path: float
+    model: Any, *, unfreeze: int | None, augment: bool, mixing: bool, compiled: bool, drop_path: float
 ) -> str | None:
     """None when stage 2 can train from cached frozen-block outputs, else the reason it cannot (for the log;
     '' when there is nothing frozen to cache, which needs no explanation)."""
@@ -89,7 +86,7 @@ def why_not(
 
 
 @torch.inference_mode()
-def bottom(model: Classifier, images: torch.Tensor, start: int) -> torch.Tensor:
+def bottom(model: Any, images: torch.Tensor, start: int) -> torch.Tensor:
     """The frozen stem and blocks' output for a batch of images (the model in eval mode)."""
     bb: Any = model.backbone
     z = bb.bn1(bb.conv_stem(model.normalize(images)))
@@ -131,7 +128,7 @@ class Indices(torch.utils.data.Dataset[tuple[torch.Tensor, int]]):
 
 
 def compute_cache(
-    model: Classifier, batches: Any, device: torch.device, start: int, expected: int, memory: int
+    model: Any, batches: Any, device: torch.device, start: int, expected: int, memory: int
 ) -> torch.Tensor | str:
     """The frozen part's output for every training image, in dataset order, on the CPU (float32: the top sees
     what it would have computed itself); or why not: it would take more than 30% of `memory` bytes, an
