@@ -23,6 +23,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import cpu_description
 
+from imgtune import prefix
 from imgtune.models import create_model, set_requires_grad, unfreeze_top
 from imgtune.runtime import tune_allocator
 
@@ -91,32 +92,21 @@ def stepper(v: Variant) -> tuple[Callable[[], None], float]:
 
 
 def cached_top(model: nn.Module, x: torch.Tensor) -> tuple[Callable[[torch.Tensor], torch.Tensor], torch.Tensor]:
-    """What caching the frozen part would train on: (the trainable top as a function, the frozen blocks'
-    output for x, computed once). EfficientNet only (timm's block layout); checked against the whole model."""
-    bb = model.backbone
-    blocks = [b for stage in bb.blocks for b in stage]
-    frozen = [b for b in blocks if not any(p.requires_grad for p in b.parameters())]
-    assert blocks[: len(frozen)] == frozen, "frozen blocks must be the first ones"
-    assert not any(p.requires_grad for p in bb.conv_stem.parameters()), "the stem must be frozen too"
-
-    def bottom(z: torch.Tensor) -> torch.Tensor:
-        z = bb.bn1(bb.conv_stem(model.normalize(z)))
-        for b in frozen:
-            z = b(z)
-        return z
+    """What stage 2 trains on when it caches the frozen part (imgtune.prefix): (the model from the first
+    trainable block on, as a function; the frozen stem and blocks' output for x, computed once)."""
+    start = prefix.frozen_blocks(model)
+    assert start is not None, "nothing frozen to cache"
+    mid = prefix.bottom(model, x, start).clone()  # out of inference mode: the top trains on it
 
     def top(z: torch.Tensor) -> torch.Tensor:
-        for b in blocks[len(frozen) :]:
-            z = b(z)
-        out: torch.Tensor = model.head(bb.forward_head(bb.bn2(bb.conv_head(z)), pre_logits=True))
+        out: torch.Tensor = model(prefix.Midway(z, start))
         return out
 
     model.eval()
     with torch.no_grad():
-        mid = bottom(x)
         assert torch.allclose(top(mid), model(x), atol=1e-4), "the split does not reproduce the model"
     model.train()
-    print(f"cached input: {tuple(mid.shape[1:])} = {mid[0].numel() * 2 / 1024:.1f} KiB per image in fp16")
+    print(f"cached input: {tuple(mid.shape[1:])} = {mid[0].numel() * 4 / 1024:.1f} KiB per image (float32)")
     return top, mid
 
 
